@@ -1,0 +1,169 @@
+"""The run configuration: nested dataclasses that are the single source of truth for every option.
+
+Every field is declared with :func:`option` (default + one-line doc). YAML files and dotted CLI overrides
+(``--trainer.max_steps 200``) are validated against these classes by :mod:`neobert_pt.config.loader`;
+``docs/configuration.md`` and ``pretrain.py --help`` are generated from them. Cross-field rules live in
+``__post_init__`` and raise :class:`ConfigError` naming the option that fixes the problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from neobert_pt.config.errors import ConfigError
+from neobert_pt.config.fields import option
+from neobert_pt.optim.config import OptimizerConfig
+
+
+@dataclass
+class ModelConfig:
+    """NeoBERT architecture. Defaults reproduce the 100M recipe (hidden 768, 12 layers, 12 heads)."""
+
+    hidden_size: int = option(768, "Width of the residual stream.")
+    num_hidden_layers: int = option(12, "Number of encoder blocks (the 250M recipe uses 28).")
+    num_attention_heads: int = option(12, "Attention heads per block; hidden_size must be divisible by it.")
+    intermediate_size: int = option(
+        3072, "Nominal FFN width; SwiGLU uses 2/3 of it (rounded up to a multiple of 8) so FLOPs match a GELU FFN."
+    )
+    vocab_size: int | None = option(None, "Vocabulary size; null takes it from the tokenizer.")
+    max_position_embeddings: int = option(4096, "Longest sequence the rotary embedding is built for.")
+    norm_eps: float = option(1e-5, "Epsilon of the RMSNorm / LayerNorm layers.")
+    rope_theta: float = option(10000.0, "Rotary embedding base.")
+    hidden_act: Literal["swiglu", "gelu"] = option("swiglu", "FFN activation.")
+    rms_norm: bool = option(True, "RMSNorm (true) or LayerNorm (false) for the pre-norms.")
+    dropout: float = option(0.0, "Dropout on attention output and FFN output (NeoBERT pretrains without dropout).")
+    tie_word_embeddings: bool = option(True, "Tie the MLM decoder to the token embedding.")
+    initializer_range: float = option(0.02, "Std of the normal init of linear and embedding weights.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = option(
+        "sdpa", "Attention backend; 'auto' takes flash_attention_2 when installed on CUDA, else sdpa (logged once)."
+    )
+    masked_logits_only: bool = option(
+        True, "Compute the MLM decoder only on masked positions (same loss, far less compute)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads "
+                f"({self.num_attention_heads}); change one of them."
+            )
+
+
+@dataclass
+class DatasetConfig:
+    """Where the training text comes from and how it becomes fixed-length packed rows."""
+
+    name: str = option(
+        "embedded",
+        "'embedded' (corpus shipped with the package), a Hub dataset name, or a builder for local files "
+        "('text', 'json', 'parquet') used with data_files.",
+    )
+    config_name: str | None = option(None, "Hub dataset configuration (subset) name.")
+    data_files: list[str] | None = option(None, "Local files or globs for the 'text'/'json'/'parquet' builders.")
+    split: str = option("train", "Split used for training.")
+    eval_split: str | None = option(None, "Split used for eval; null holds out eval_fraction of the train documents.")
+    eval_fraction: float = option(0.01, "Fraction of documents held out for eval when eval_split is null.")
+    text_column: str = option("text", "Column holding the raw text.")
+    streaming: bool = option(False, "Stream the dataset instead of downloading and tokenizing it up front.")
+    max_seq_length: int = option(512, "Tokens per packed row (the model's training sequence length).")
+    packing: bool = option(True, "Pack several documents per row with block-diagonal attention; false pads.")
+    max_documents: int | None = option(None, "Use only the first N documents (quick experiments).")
+    num_proc: int | None = option(None, "Processes for tokenization (null: single process).")
+    cache_dir: str | None = option(None, "Cache for tokenized data (null: the datasets default cache).")
+    shuffle_buffer_size: int = option(10000, "Shuffle buffer for streaming datasets.")
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer turns text into ids."""
+
+    name: str = option(
+        "embedded",
+        "'embedded' (bert-base-uncased WordPiece vocab shipped with the package), a Hub name or local path, "
+        "or 'train' to train a WordPiece tokenizer on the dataset.",
+    )
+    vocab_size: int = option(30522, "Vocabulary size when name is 'train'.")
+    lowercase: bool = option(True, "Lower-case text (embedded and trained tokenizers).")
+
+
+@dataclass
+class DataCollatorConfig:
+    """Masked-language-model corruption."""
+
+    mlm_probability: float = option(0.2, "Fraction of non-special tokens selected for prediction (NeoBERT: 20%).")
+    mask_replace_prob: float = option(0.8, "Of the selected tokens, fraction replaced by [MASK].")
+    random_replace_prob: float = option(0.1, "Of the selected tokens, fraction replaced by a random token.")
+    pad_to_multiple_of: int | None = option(8, "Pad unpacked batches to a multiple of this (tensor-core friendly).")
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: linear warmup, then the chosen decay."""
+
+    name: Literal["cosine", "linear", "constant", "wsd"] = option(
+        "cosine", "Decay after warmup; 'wsd' = warmup-stable-decay."
+    )
+    warmup_steps: int = option(100, "Linear warmup length in optimizer steps.")
+    decay_steps: int | None = option(None, "For 'wsd': length of the final decay (null: 10% of max_steps).")
+    min_lr_ratio: float = option(0.1, "Final LR as a fraction of the peak LR (cosine, linear, wsd).")
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop: batch math, precision, logging, eval, checkpoints, resume."""
+
+    output_dir: str = option("./outputs/neobert", "Run directory: config, metrics, checkpoints, final model.")
+    overwrite_output_dir: bool = option(False, "Allow starting fresh in a directory that holds another run.")
+    max_steps: int = option(1000, "Optimizer steps to train for.")
+    per_device_train_batch_size: int = option(32, "Rows per micro-batch on each process.")
+    per_device_eval_batch_size: int = option(32, "Rows per eval batch on each process.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
+    mixed_precision: Literal["no", "bf16"] = option(
+        "no", "bf16 autocast where the device supports it (else falls back to fp32 with a one-line notice)."
+    )
+    max_grad_norm: float | None = option(1.0, "Clip the global gradient norm to this (null: no clipping).")
+    logging_steps: int = option(10, "Log metrics every N optimizer steps.")
+    eval_steps: int | None = option(500, "Evaluate every N optimizer steps (null: only at the end).")
+    eval_max_batches: int = option(20, "Fixed eval budget: batches per process per evaluation.")
+    save_steps: int | None = option(1000, "Checkpoint every N optimizer steps (always also at the final step).")
+    save_total_limit: int | None = option(3, "Keep at most N checkpoints (null: keep all).")
+    resume_from_checkpoint: str | None = option(
+        None, "'latest' / true: newest complete checkpoint in output_dir (fresh start if none); a path; null / false."
+    )
+    max_consecutive_nonfinite: int = option(
+        5, "Stop (saving the last good state) after this many consecutive non-finite losses or grad norms."
+    )
+    disable_tqdm: bool = option(False, "Hide the progress bar.")
+    dataloader_num_workers: int = option(0, "DataLoader worker processes.")
+    activation_checkpointing: bool = option(False, "Recompute block activations in backward to save memory.")
+    torch_compile: bool = option(False, "Compile the model with torch.compile.")
+    save_final_model: bool = option(True, "Write the final Hugging Face model + tokenizer to output_dir/final.")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (the same metrics as metrics.jsonl)."""
+
+    mode: Literal["online", "offline", "disabled"] = option("disabled", "W&B mode; 'disabled' costs nothing.")
+    project: str = option("neobert_pt", "W&B project.")
+    entity: str | None = option(None, "W&B entity (team or user).")
+    name: str | None = option(None, "Run name (null: derived from the output dir).")
+    group: str | None = option(None, "Run group (the robustness runner groups a matrix).")
+    tags: list[str] = option([], "Run tags.")
+    dir: str | None = option(None, "Where W&B writes its files (null: output_dir).")
+
+
+@dataclass
+class RunConfig:
+    """Everything one pretraining run needs."""
+
+    model: ModelConfig = option(ModelConfig, "Model architecture.")
+    dataset: DatasetConfig = option(DatasetConfig, "Training data.")
+    tokenizer: TokenizerConfig = option(TokenizerConfig, "Tokenizer.")
+    datacollator: DataCollatorConfig = option(DataCollatorConfig, "MLM masking.")
+    trainer: TrainerConfig = option(TrainerConfig, "Training loop.")
+    optimizer: OptimizerConfig = option(OptimizerConfig, "Optimizer and its per-algorithm sub-blocks.")
+    scheduler: SchedulerConfig = option(SchedulerConfig, "Learning-rate schedule.")
+    wandb: WandbConfig = option(WandbConfig, "Weights & Biases.")
+    seed: int = option(0, "Seed for model init, data order and masking.")

@@ -1,0 +1,22 @@
+"""Optimizers and the registry that builds them from ``optimizer.*`` config."""
+
+from neobert_pt.optim.config import DanaConfig, Dion2Config, MuonConfig, OptimizerConfig
+from neobert_pt.optim.registry import (
+    BuiltOptimizer,
+    OptimizerContext,
+    available_optimizers,
+    build_optimizer,
+    register,
+)
+
+__all__ = [
+    "BuiltOptimizer",
+    "DanaConfig",
+    "Dion2Config",
+    "MuonConfig",
+    "OptimizerConfig",
+    "OptimizerContext",
+    "available_optimizers",
+    "build_optimizer",
+    "register",
+]

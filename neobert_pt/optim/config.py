@@ -1,0 +1,103 @@
+"""The `optimizer` config section and its per-algorithm sub-blocks (`muon_config`, `dion2_config`, `dana_config`).
+
+Top-level `lr`, `betas`, `eps` and `weight_decay` serve AdamW and the scalar (embedding/norm) group of every
+orthonormal optimizer; each sub-block holds only what its algorithm adds. A sub-block given for an optimizer that
+is not selected is ignored with a warning (see :func:`neobert_pt.config.loader.load_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from neobert_pt.config.fields import option
+
+
+@dataclass
+class MuonConfig:
+    """MuonClip: Muon on the encoder's hidden matrices + AdamW on the rest, with optional QK-clip."""
+
+    momentum: float = option(0.95, "Muon momentum mu.")
+    nesterov: bool = option(True, "Orthogonalise G + mu*M (Nesterov) instead of M.")
+    muon_lr: float | None = option(None, "Peak LR of the Muon (matrix) group; null: optimizer.lr.")
+    adam_lr: float | None = option(None, "Peak LR of the AdamW (embedding/norm) group; null: optimizer.lr.")
+    weight_decay: float | None = option(None, "Decoupled weight decay of the matrix group; null: optimizer.weight_decay.")
+    ns_steps: int = option(5, "Iterations of the orthogonaliser.")
+    orthogonalization: Literal["polar_express", "newton_schulz", "newton_schulz_kj"] = option(
+        "polar_express", "Orthogonaliser: Polar Express (5 steps), quintic NS5, or Keller Jordan's fixed-coefficient NS."
+    )
+    adjust_lr: Literal["rms_norm", "spectral_norm", "none"] = option(
+        "rms_norm", "Update scale: 'rms_norm' = 0.2*sqrt(max(m,n)) (Moonlight, AdamW-RMS matching), "
+        "'spectral_norm' = sqrt(m/n), 'none'."
+    )
+    enable_clipping: bool = option(True, "Apply QK-clip after optimizer steps.")
+    clipping_threshold: float = option(50.0, "QK-clip threshold tau on the per-head max attention logit.")
+    clipping_alpha: float = option(0.5, "Split of the clip factor: eta**alpha on W_q rows, eta**(1-alpha) on W_k.")
+    clipping_interval: int = option(10, "Clip every N optimizer steps.")
+    clipping_warmup_steps: int = option(0, "No clipping before this optimizer step.")
+    clipping_statistic: Literal["max", "mean"] = option(
+        "max", "Per-head statistic over the batch: 'max' (Kimi K2) or 'mean' of per-sequence maxima (fork parity)."
+    )
+
+
+@dataclass
+class Dion2Config:
+    """Dion2: sparse (top-fraction rows) orthonormal updates with error feedback, + optional QK-clip."""
+
+    fraction: float = option(0.25, "Fraction of rows (or columns) selected and orthogonalised per step.")
+    ef_decay: float = option(0.95, "Error-feedback decay applied to the selected slices.")
+    adjust_lr: Literal["spectral_norm", "rms_norm", "none"] = option(
+        "spectral_norm", "Shape-dependent LR scale from the full matrix shape."
+    )
+    orthogonalization: Literal["polar_express", "newton_schulz"] = option(
+        "polar_express", "Orthogonaliser of the selected submatrix (Polar Express 5 steps, or quintic NS5)."
+    )
+    ns_steps: int = option(5, "Iterations of the orthogonaliser.")
+    selection_scope: Literal["local", "global"] = option(
+        "local", "Under FSDP2: select rows per shard ('local') or over the full matrix ('global')."
+    )
+    scalar_algorithm: Literal["adamw", "lion"] = option("adamw", "Algorithm for embeddings, norms and biases.")
+    matrix_lr: float | None = option(None, "Peak LR of the Dion2 (matrix) group; null: optimizer.lr.")
+    implementation: Literal["native", "upstream"] = option(
+        "native", "'upstream' uses Microsoft's dion.Dion2 when it is installed."
+    )
+    enable_clipping: bool = option(False, "Apply QK-clip after optimizer steps.")
+    clipping_threshold: float = option(50.0, "QK-clip threshold tau on the per-head max attention logit.")
+    clipping_alpha: float = option(0.5, "Split of the clip factor: eta**alpha on W_q rows, eta**(1-alpha) on W_k.")
+    clipping_interval: int = option(10, "Clip every N optimizer steps.")
+    clipping_warmup_steps: int = option(0, "No clipping before this optimizer step.")
+    clipping_statistic: Literal["max", "mean"] = option(
+        "max", "Per-head statistic over the batch: 'max' (Kimi K2) or 'mean' of per-sequence maxima."
+    )
+
+
+@dataclass
+class DanaConfig:
+    """The DANA family (adana, dana-mk4, dana-star, dana-star-mk4, adamw-decaying-wd); paper defaults."""
+
+    delta: float = option(8.0, "EMA rate constant: a_t = delta / (delta + t).")
+    kappa: float = option(0.85, "Damping exponent of the log-time momentum (1 + t)^(1 - kappa).")
+    clipsnr: float = option(2.0, "SNR clip of the MK4 variants (ignored by adana / dana-star).")
+    omega: float = option(4.0, "Weight-decay strength: weight_decay = omega / wd_ts.")
+    wd_ts: float | None = option(None, "Weight-decay time scale in steps; null: wd_ts_fraction * max_steps.")
+    wd_ts_fraction: float = option(0.1, "wd_ts as a fraction of trainer.max_steps when wd_ts is null.")
+    wd_decaying: bool = option(True, "Multiply weight decay by the LR schedule factor lr_t / lr_peak.")
+    gamma_3_factor: float = option(1.0, "Scale of the momentum term.")
+
+
+@dataclass
+class OptimizerConfig:
+    """Which optimizer and its shared hyperparameters."""
+
+    name: Literal[
+        "adamw", "adana", "dana-mk4", "dana-star", "dana-star-mk4", "adamw-decaying-wd", "muonclip", "dion2"
+    ] = option("adamw", "Optimizer (see docs/optimizers.md).")
+    lr: float | Literal["auto"] = option(
+        6e-4, "Peak learning rate; 'auto' applies the DANA paper's power law in non-embedding params (logged)."
+    )
+    betas: list[float] = option([0.9, 0.98], "Adam betas (AdamW, and the scalar group of orthonormal optimizers).")
+    eps: float = option(1e-8, "Adam epsilon.")
+    weight_decay: float = option(0.01, "Decoupled weight decay on 2-D block weights (never on norms/embeddings).")
+    muon_config: MuonConfig = option(MuonConfig, "Settings used when name is 'muonclip'.")
+    dion2_config: Dion2Config = option(Dion2Config, "Settings used when name is 'dion2'.")
+    dana_config: DanaConfig = option(DanaConfig, "Settings used by the DANA family and adamw-decaying-wd.")

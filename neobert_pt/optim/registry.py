@@ -1,0 +1,108 @@
+"""Optimizer registry: ``optimizer.name`` → builder.
+
+Adding an optimizer is one module with a function decorated ``@register("name")`` plus its import line in
+``neobert_pt/optim/__init__.py``. Every builder has the same signature: it receives an :class:`OptimizerContext`
+(built by the trainer *after* the model is wrapped, so DDP process groups and FSDP2 meshes are known) and returns a
+:class:`BuiltOptimizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from neobert_pt.config.errors import ConfigError
+from neobert_pt.optim.config import OptimizerConfig
+from neobert_pt.optim.param_groups import ParamGroupSpec, describe_groups, group_parameters
+
+if TYPE_CHECKING:
+    from neobert_pt.optim.qk_clip import QKClip
+
+
+@dataclass
+class OptimizerContext:
+    """Everything a builder may use. Builders must not reach for anything else."""
+
+    model: nn.Module  # unwrapped model; under FSDP2 its parameters are DTensors
+    config: OptimizerConfig
+    max_steps: int
+    # None: one process. ProcessGroup: DDP (replicated params). 1-D DeviceMesh: FSDP2 (Shard(0) DTensor params).
+    distributed_mesh: Any = None
+    param_groups: list[ParamGroupSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.param_groups:
+            self.param_groups = group_parameters(self.model)
+
+    @property
+    def peak_lr(self) -> float:
+        """optimizer.lr after resolving 'auto' (the trainer resolves it before building)."""
+        if not isinstance(self.config.lr, (int, float)):
+            raise ConfigError("optimizer.lr must be resolved to a number before the optimizer is built")
+        return float(self.config.lr)
+
+
+@dataclass
+class BuiltOptimizer:
+    """What the trainer steps: the optimizer, plus the QK-clip component when clipping is on."""
+
+    optimizer: torch.optim.Optimizer
+    qk_clip: QKClip | None = None
+    log_lines: list[str] = field(default_factory=list)
+
+
+Builder = Callable[[OptimizerContext], BuiltOptimizer]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator that registers a builder under ``name`` (must be unique)."""
+
+    def decorator(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"optimizer {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def available_optimizers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_optimizer(ctx: OptimizerContext) -> BuiltOptimizer:
+    """Build the optimizer named by ``ctx.config.name``; unknown names list the valid ones."""
+    name = ctx.config.name
+    if name not in _REGISTRY:
+        raise ConfigError(f"optimizer.name={name!r} is not registered; valid: {', '.join(available_optimizers())}")
+    built = _REGISTRY[name](ctx)
+    built.log_lines = [f"optimizer {name}: peak lr {ctx.peak_lr:g}", *describe_groups(ctx.param_groups)] + built.log_lines
+    return built
+
+
+def torch_param_groups(ctx: OptimizerContext, weight_decay: float, **extra: Any) -> list[dict[str, Any]]:
+    """Plain torch param groups: decay on matrix groups only; ``extra`` is copied into every group."""
+    return [
+        {
+            "params": g.params,
+            "name": g.name,
+            "weight_decay": weight_decay if g.weight_decay else 0.0,
+            **extra,
+        }
+        for g in ctx.param_groups
+    ]
+
+
+@register("adamw")
+def build_adamw(ctx: OptimizerContext) -> BuiltOptimizer:
+    """torch AdamW; decoupled weight decay on 2-D block weights only."""
+    cfg = ctx.config
+    groups = torch_param_groups(ctx, cfg.weight_decay)
+    # foreach is the fast multi-tensor path on CPU and GPU; fused is CUDA-only and not DTensor-safe everywhere.
+    opt = torch.optim.AdamW(groups, lr=ctx.peak_lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    return BuiltOptimizer(optimizer=opt)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One entry point that does all set-up on a machine with only python3, then runs what you ask for.
+#   bash scripts/dev.sh pretrain [--trainer.max_steps N ...]   # pretrain NeoBERT on the embedded default corpus
+#   bash scripts/dev.sh test [pytest args]                       # run the test suite
+#   bash scripts/dev.sh setup                                    # only create/refresh .venv
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${NEOBERT_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    echo "[setup] creating virtual environment in $VENV"
+    python3 -m venv "$VENV"
+  fi
+  # Re-install only when pyproject.toml changed since the last successful install.
+  local stamp="$VENV/.neobert_pt_installed"
+  local want
+  want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[setup] installing neobert_pt and pinned dependencies (first run takes a few minutes)"
+    "$PY" -m pip install --quiet --upgrade pip
+    # torch first, pinned, so a CPU machine takes the CPU build instead of resolving a CUDA build via accelerate.
+    "$PY" -m pip install --quiet "torch==2.13.0"
+    "$PY" -m pip install --quiet -e "$ROOT[dev]"
+    echo "$want" > "$stamp"
+  fi
+}
+
+cmd="${1:-help}"
+shift || true
+case "$cmd" in
+  setup)
+    setup
+    ;;
+  test)
+    setup
+    export WANDB_MODE="${WANDB_MODE:-disabled}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    export TOKENIZERS_PARALLELISM=false
+    cd "$ROOT"
+    exec "$PY" -m pytest "$@"
+    ;;
+  pretrain)
+    setup
+    export WANDB_MODE="${WANDB_MODE:-disabled}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
+    cd "$ROOT"
+    exec "$PY" scripts/pretraining/pretrain.py configs/pretraining/pretrain_tiny.yaml "$@"
+    ;;
+  *)
+    sed -n '2,6p' "$0"
+    exit 2
+    ;;
+esac
