@@ -1,0 +1,24 @@
+"""Suite-wide settings: offline, no W&B network, deterministic single-threaded torch."""
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture
+def assets_dir() -> str:
+    return ASSETS
