@@ -1,0 +1,158 @@
+"""NeoBERT model configuration.
+
+Imports only ``transformers`` (plus stdlib) so that ``save_pretrained`` can ship this file as remote code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+
+from transformers import PreTrainedConfig
+
+logger = logging.getLogger(__name__)
+
+HIDDEN_ACTS = ("swiglu", "gelu")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def swiglu_inner_size(intermediate_size: int) -> int:
+    """SwiGLU width: 2/3 of the nominal FFN width rounded up to a multiple of 8 (3072 → 2048).
+
+    Three SwiGLU matrices of width 2/3·I cost the same FLOPs and parameters as two GELU matrices of width I.
+    """
+    return 8 * math.ceil(2 * intermediate_size / 3 / 8)
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """Turn ``'auto'`` into a concrete backend (flash_attention_2 on CUDA with flash-attn installed, else sdpa)."""
+    if name != "auto":
+        return name
+    choice = "sdpa"
+    if importlib.util.find_spec("flash_attn") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            choice = "flash_attention_2"
+    logger.info("NeoBERT attn_implementation 'auto' resolved to '%s'", choice)
+    return choice
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"NeoBERTConfig.{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+class NeoBERTConfig(PreTrainedConfig):
+    r"""Configuration of a NeoBERT encoder (pre-norm, RMSNorm, SwiGLU, RoPE, fused QKV, no biases, tied embeddings).
+
+    The defaults reproduce the NeoBERT **100M recipe** (hidden 768, 12 layers, 12 heads, SwiGLU inner width 2048,
+    4096 positions); the 250M recipe is the same with ``num_hidden_layers=28``. Every field of
+    ``neobert_pt.config.schema.ModelConfig`` is accepted with the same name and meaning, so the trainer can build
+    ``NeoBERTConfig(**model_fields, vocab_size=..., pad_token_id=...)``.
+
+    Args:
+        vocab_size (`int`, defaults to 30522): rows of the token embedding (= columns of the tied MLM decoder);
+            ``None`` means the default.
+        hidden_size (`int`, defaults to 768): width of the residual stream.
+        num_hidden_layers (`int`, defaults to 12): number of encoder blocks.
+        num_attention_heads (`int`, defaults to 12): heads per block; must divide ``hidden_size``.
+        intermediate_size (`int`, defaults to 3072): nominal FFN width. With ``hidden_act="swiglu"`` the actual
+            width is 2/3 of it rounded up to a multiple of 8 (2048) so FLOPs match a GELU FFN of this width.
+        max_position_embeddings (`int`, defaults to 4096): longest sequence the model is meant for (RoPE itself has
+            no table, the value documents the trained context).
+        norm_eps (`float`, defaults to 1e-5): epsilon of the RMSNorm / LayerNorm layers.
+        rope_theta (`float`, defaults to 10000.0): rotary embedding base θ.
+        hidden_act (`str`, defaults to ``"swiglu"``): FFN activation, ``"swiglu"`` or ``"gelu"``.
+        rms_norm (`bool`, defaults to True): RMSNorm (True) or bias-free LayerNorm (False) for every norm.
+        dropout (`float`, defaults to 0.0): dropout on the attention output and the FFN output (NeoBERT pretrains
+            without dropout).
+        tie_word_embeddings (`bool`, defaults to True): the MLM decoder IS the token embedding matrix.
+        initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
+        attn_implementation (`str`, defaults to ``"sdpa"``): ``"sdpa"``, ``"eager"`` (supports
+            ``output_attentions``), ``"flash_attention_2"`` (varlen, CUDA + flash-attn) or ``"auto"``
+            (flash_attention_2 when installed on CUDA, else sdpa; the choice is logged once).
+        masked_logits_only (`bool`, defaults to True): when labels are given, run the MLM decoder only on the
+            positions with a label (same loss, far less compute); ``logits`` is then ``(num_masked, vocab)``.
+        pad_token_id (`int`, defaults to 0): id of the padding token (its embedding row starts at zero).
+        classifier_dropout (`float`, *optional*): dropout of the sequence-classification head; ``None`` uses
+            ``dropout``.
+        classifier_activation (`str`, defaults to ``"tanh"``): activation between the head's dense and classifier
+            layers (any key of ``transformers.activations.ACT2FN``).
+        num_labels / id2label / label2id / problem_type: classification settings handled by ``PreTrainedConfig``.
+
+    Example:
+        >>> from neobert_pt import NeoBERTConfig, NeoBERTForMaskedLM
+        >>> model = NeoBERTForMaskedLM(NeoBERTConfig(num_hidden_layers=28))  # the 250M recipe
+    """
+
+    model_type = "neobert"
+
+    def __init__(
+        self,
+        vocab_size: int | None = 30522,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        max_position_embeddings: int = 4096,
+        norm_eps: float = 1e-5,
+        rope_theta: float = 10000.0,
+        hidden_act: str = "swiglu",
+        rms_norm: bool = True,
+        dropout: float = 0.0,
+        tie_word_embeddings: bool = True,
+        initializer_range: float = 0.02,
+        attn_implementation: str | None = "sdpa",
+        masked_logits_only: bool = True,
+        pad_token_id: int | None = 0,
+        classifier_dropout: float | None = None,
+        classifier_activation: str = "tanh",
+        **kwargs,
+    ) -> None:
+        _check_choice("hidden_act", hidden_act, HIDDEN_ACTS)
+        if attn_implementation is not None:
+            _check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+            attn_implementation = resolve_attn_implementation(attn_implementation)
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"NeoBERTConfig.hidden_size ({hidden_size}) must be divisible by num_attention_heads "
+                f"({num_attention_heads})"
+            )
+        if (hidden_size // num_attention_heads) % 2 != 0:
+            raise ValueError("NeoBERTConfig: head dim (hidden_size / num_attention_heads) must be even for RoPE")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"NeoBERTConfig.dropout={dropout} must be in [0, 1)")
+        self.vocab_size = 30522 if vocab_size is None else vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.norm_eps = norm_eps
+        self.rope_theta = float(rope_theta)
+        self.hidden_act = hidden_act
+        self.rms_norm = rms_norm
+        self.dropout = dropout
+        self.initializer_range = initializer_range
+        self.masked_logits_only = masked_logits_only
+        self.classifier_dropout = classifier_dropout
+        self.classifier_activation = classifier_activation
+        self.pad_token_id = pad_token_id
+        self.tie_word_embeddings = tie_word_embeddings
+        super().__init__(attn_implementation=attn_implementation, **kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_inner_size(self) -> int:
+        """Width of the FFN hidden layer actually built (SwiGLU shrinks it, see ``swiglu_inner_size``)."""
+        if self.hidden_act == "swiglu":
+            return swiglu_inner_size(self.intermediate_size)
+        return self.intermediate_size
+
+
+__all__ = ["NeoBERTConfig"]

@@ -1,0 +1,611 @@
+"""NeoBERT as Hugging Face models: a pre-norm encoder with RMSNorm, SwiGLU, RoPE, fused QKV and no biases.
+
+References: NeoBERT (Le Breton et al., 2025, arXiv:2502.19587); RoPE (Su et al., 2021); SwiGLU (Shazeer, 2020).
+
+Reads top to bottom: norms and rotary helpers → packing layout (masks / varlen metadata, built once per forward) →
+attention backends (plain functions in one dict) → attention → MLP → layer → PreTrainedModel → base model → heads.
+
+Packed rows: ``document_ids (B, T)`` gives each token's document index within its row (-1 = padding).
+Attention is block-diagonal per document, so a packed row's outputs equal each document run alone (positions
+restart at 0 per document through ``position_ids``). This file imports only torch, transformers and its sibling
+configuration module so that ``save_pretrained`` can ship it as remote code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
+
+from .configuration_neobert import NeoBERTConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# Norms and rotary embedding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class NeoBERTRMSNorm(nn.Module):
+    """RMSNorm with a learned gain, computed in fp32 (bf16 mean-of-squares loses too many bits)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x).to(dtype)
+
+
+def build_norm(config: NeoBERTConfig) -> nn.Module:
+    if config.rms_norm:
+        return NeoBERTRMSNorm(config.hidden_size, eps=config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+
+
+def rope_inv_freq(config: NeoBERTConfig, device: torch.device | None = None) -> torch.Tensor:
+    """θ^(-2i/d) for i in [0, d/2): the rotation speed of each channel pair."""
+    d = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+
+
+class NeoBERTRotaryEmbedding(nn.Module):
+    """cos/sin tables computed from ``position_ids`` on the fly (positions restart per packed document)."""
+
+    def __init__(self, config: NeoBERTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids (B, T) → freqs (B, T, d/2) → cos, sin (B, 1, T, d), broadcast over heads
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + d/2) of ``x (B, nH, T, d)`` by the position angle."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packing layout: which query may attend which key, built ONCE per forward and shared by every layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NeoBERTAttentionLayout:
+    """Per-forward attention structure.
+
+    ``mask``: (B, 1, T, T) bool for sdpa/eager, True = may attend; padding queries attend only to themselves so
+    no softmax row is empty (their outputs are irrelevant but finite). None = every pair allowed (fast path).
+    ``allowed``: the exact contract mask for observers (padding queries attend nothing); built only when a
+    ``qk_observer`` is installed.
+    ``indices``/``cu_seqlens``/``max_seqlen``: flash-attn varlen metadata (flat token index of every real token,
+    cumulative document lengths).
+    """
+
+    mask: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+
+def combine_document_ids(
+    input_shape: tuple[int, int],
+    device: torch.device,
+    attention_mask: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """One (B, T) long tensor of document indices (-1 = pad), or None when every row is one unpadded document."""
+    if document_ids is None and attention_mask is None:
+        return None
+    if document_ids is None:
+        if bool(attention_mask.all()):  # host sync, once per forward: lets unpadded batches skip masks entirely
+            return None
+        return torch.where(attention_mask.bool(), 0, -1).long()
+    document_ids = document_ids.to(device=device, dtype=torch.long)
+    if attention_mask is not None:
+        document_ids = document_ids.masked_fill(~attention_mask.bool(), -1)
+    return document_ids
+
+
+def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document (restarts at 0 where the document index changes)."""
+    _, t = document_ids.shape
+    idx = torch.arange(t, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def build_layout(document_ids: torch.Tensor | None, implementation: str, with_allowed: bool) -> NeoBERTAttentionLayout:
+    if document_ids is None:
+        return NeoBERTAttentionLayout()
+    real = document_ids >= 0  # (B, T)
+    layout = NeoBERTAttentionLayout()
+    if implementation == "flash_attention_2":
+        b, t = document_ids.shape
+        flat = (document_ids + torch.arange(b, device=document_ids.device)[:, None] * (t + 1)).flatten()
+        layout.indices = real.flatten().nonzero().squeeze(-1)
+        _, counts = torch.unique_consecutive(flat[layout.indices], return_counts=True)
+        layout.cu_seqlens = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+        layout.max_seqlen = int(counts.max()) if counts.numel() else 0
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    allowed = same & real[:, None, :]
+    if implementation != "flash_attention_2":
+        eye = torch.eye(document_ids.shape[1], dtype=torch.bool, device=document_ids.device)
+        layout.mask = (allowed | (eye & ~real[:, :, None]))[:, None]
+    if with_allowed:
+        layout.allowed = (allowed & real[:, :, None])[:, None]
+    return layout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention backends: f(module, q, k, v, layout, *, dropout, scale, output_attentions) -> ((B, T, nH, d), weights)
+# q, k, v are (B, nH, T, d), RoPE applied.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: NeoBERTAttentionLayout,
+    *,
+    dropout: float,
+    scale: float,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (B, nH, T, T)
+    if layout.mask is not None:
+        scores = scores.masked_fill(~layout.mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    probs = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(probs, value).transpose(1, 2)
+    return out, (weights if output_attentions else None)
+
+
+def sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: NeoBERTAttentionLayout,
+    *,
+    dropout: float,
+    scale: float,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, None]:
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=layout.mask, dropout_p=dropout if module.training else 0.0, scale=scale
+    )
+    return out.transpose(1, 2), None
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def flash_attention_2(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: NeoBERTAttentionLayout,
+    *,
+    dropout: float,
+    scale: float,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """flash-attn varlen: real tokens are gathered into one flat sequence split at document boundaries."""
+    if not flash_attn_available():
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs CUDA and flash-attn: pip install 'neobert_pt[flash]' "
+            "(or use 'sdpa')"
+        )
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    p = dropout if module.training else 0.0
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, T, nH, d)
+    if layout.indices is None:
+        return flash_attn_func(q, k, v, dropout_p=p, softmax_scale=scale, causal=False), None
+    b, t, h, d = q.shape
+    flat = [x.reshape(b * t, h, d).index_select(0, layout.indices) for x in (q, k, v)]  # (nnz, nH, d)
+    out = flash_attn_varlen_func(
+        *flat,
+        cu_seqlens_q=layout.cu_seqlens,
+        cu_seqlens_k=layout.cu_seqlens,
+        max_seqlen_q=layout.max_seqlen,
+        max_seqlen_k=layout.max_seqlen,
+        dropout_p=p,
+        softmax_scale=scale,
+        causal=False,
+    )
+    full = out.new_zeros(b * t, h, d).index_copy(0, layout.indices, out)
+    return full.view(b, t, h, d), None
+
+
+NEOBERT_ATTENTION_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flash_attention_2": flash_attention_2,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class NeoBERTAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection.
+
+    ``qkv.weight`` rows are ``[Q heads | K heads | V heads]``, each head ``head_dim`` consecutive rows, so QK-clip
+    can scale one head's W_q / W_k rows in place. ``qk_observer(module, q, k, allowed)``, when set, sees q and k
+    after RoPE and before the 1/sqrt(d) scale.
+    """
+
+    def __init__(self, config: NeoBERTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.qk_observer: Callable[..., None] | None = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        layout: NeoBERTAttentionLayout,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, t, _ = hidden_states.shape
+        # (B, T, 3H) → (B, T, 3, nH, d) → three (B, nH, T, d)
+        qkv = self.qkv(hidden_states).view(b, t, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        cos, sin = rotary
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if self.qk_observer is not None:
+            self.qk_observer(self, query, key, layout.allowed)
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attn_fn = NEOBERT_ATTENTION_FUNCTIONS[implementation]
+        out, weights = attn_fn(
+            self, query, key, value, layout, dropout=0.0, scale=self.scale, output_attentions=output_attentions
+        )
+        return self.out_proj(out.reshape(b, t, -1)), weights
+
+
+class NeoBERTMLP(nn.Module):
+    """SwiGLU ``down(silu(gate(x)) * up(x))`` or GELU ``down(gelu(up(x)))``; no biases."""
+
+    def __init__(self, config: NeoBERTConfig) -> None:
+        super().__init__()
+        self.swiglu = config.hidden_act == "swiglu"
+        inner = config.ffn_inner_size
+        if self.swiglu:
+            self.gate_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.down_proj = nn.Linear(inner, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class NeoBERTLayer(GradientCheckpointingLayer):
+    """Pre-norm block: ``x + drop(attn(norm(x)))`` then ``x + drop(ffn(norm(x)))``."""
+
+    def __init__(self, config: NeoBERTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = build_norm(config)
+        self.attention = NeoBERTAttention(config, layer_idx)
+        self.ffn_norm = build_norm(config)
+        self.ffn = NeoBERTMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        layout: NeoBERTAttentionLayout,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, weights = self.attention(self.attention_norm(hidden_states), rotary, layout, output_attentions)
+        hidden_states = hidden_states + self.dropout(attn_out)
+        hidden_states = hidden_states + self.dropout(self.ffn(self.ffn_norm(hidden_states)))
+        return hidden_states, weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+_AUTO_MAP = {
+    "AutoModel": "NeoBERTModel",
+    "AutoModelForMaskedLM": "NeoBERTForMaskedLM",
+    "AutoModelForSequenceClassification": "NeoBERTForSequenceClassification",
+}
+
+
+class NeoBERTPreTrainedModel(PreTrainedModel):
+    config_class = NeoBERTConfig
+    config: NeoBERTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NeoBERTLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(self, config: NeoBERTConfig, *inputs, **kwargs) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        if self._auto_class is not None:
+            # Every saved checkpoint can be opened by all three Auto model classes, not just the one it was saved as.
+            auto_map = dict(getattr(config, "auto_map", None) or {})
+            for auto_class, cls_name in _AUTO_MAP.items():
+                auto_map.setdefault(auto_class, f"modeling_neobert.{cls_name}")
+            config.auto_map = auto_map
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norm gains, zeros for biases and the pad row."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, (NeoBERTRMSNorm, nn.LayerNorm)):
+            init.ones_(module.weight)
+        elif isinstance(module, NeoBERTRotaryEmbedding):
+            init.copy_(module.inv_freq, rope_inv_freq(module.config, module.inv_freq.device))
+
+
+class NeoBERTModel(NeoBERTPreTrainedModel):
+    """The encoder: token embedding → ``num_hidden_layers`` pre-norm blocks → final norm."""
+
+    def __init__(self, config: NeoBERTConfig) -> None:
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.rotary_emb = NeoBERTRotaryEmbedding(config)
+        self.layers = nn.ModuleList([NeoBERTLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.final_norm = build_norm(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutput | tuple:
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("NeoBERTModel: pass exactly one of input_ids or inputs_embeds")
+        hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = hidden_states.shape[:2]
+
+        document_ids = combine_document_ids((b, t), hidden_states.device, attention_mask, document_ids)
+        if position_ids is None:
+            if document_ids is None:
+                position_ids = torch.arange(t, device=hidden_states.device).expand(b, t)
+            else:
+                position_ids = positions_from_documents(document_ids)
+        rotary = self.rotary_emb(position_ids, hidden_states.dtype)
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        observed = any(layer.attention.qk_observer is not None for layer in self.layers)
+        layout = build_layout(document_ids, implementation, with_allowed=observed)
+
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, weights = layer(hidden_states, rotary, layout, output_attentions)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_attentions:
+                all_attn += (weights,)
+        hidden_states = self.final_norm(hidden_states)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden_states,)
+
+        if not return_dict:
+            return tuple(v for v in (hidden_states, all_hidden, all_attn) if v is not None)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
+
+
+class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
+    """Encoder + a bias-free decoder that IS the token embedding (declared tie, re-tied on load)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: NeoBERTConfig) -> None:
+        super().__init__(config)
+        self.model = NeoBERTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput | tuple:
+        """MLM forward. Loss = sum of token CE / ``num_items_in_batch`` when given, else the mean over labels.
+
+        With ``config.masked_logits_only`` and labels, ``logits`` is ``(num_masked, V)`` in the order of
+        ``labels.flatten() != -100``; otherwise ``(B, T, V)``.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            document_ids=document_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state  # (B, T, H)
+        loss = None
+        if labels is not None and self.config.masked_logits_only:
+            flat_labels = labels.flatten()
+            selected = flat_labels != -100
+            logits = self.lm_head(hidden.flatten(0, 1)[selected])  # (N, V)
+            targets = flat_labels[selected]
+        else:
+            logits = self.lm_head(hidden)  # (B, T, V)
+            targets = None if labels is None else labels.flatten()
+        if labels is not None:
+            token_loss_sum = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
+            )
+            if num_items_in_batch is None:
+                num_items_in_batch = (targets != -100).sum().clamp(min=1)
+            loss = token_loss_sum / num_items_in_batch
+
+        if not return_dict:
+            rest = (logits, outputs.hidden_states, outputs.attentions)
+            return tuple(v for v in ((loss,) if loss is not None else ()) + rest if v is not None)
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
+    """First-token pooling → dropout → dense → activation → dropout → classifier (the BERT pooler recipe)."""
+
+    def __init__(self, config: NeoBERTConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = NeoBERTModel(config)
+        p = config.dropout if config.classifier_dropout is None else config.classifier_dropout
+        self.dropout = nn.Dropout(p)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.classifier_activation]
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        """Loss follows HF: MSE for regression (num_labels == 1), CE for single-label, BCE-with-logits for
+        multi-label; ``config.problem_type`` is inferred from ``labels`` when unset."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            document_ids=document_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        pooled = outputs.last_hidden_state[:, 0]  # (B, H): the [CLS] token
+        pooled = self.dropout(self.activation(self.dense(self.dropout(pooled))))
+        logits = self.classifier(pooled)  # (B, num_labels)
+
+        loss = None
+        if labels is not None:
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float())
+            elif self.config.problem_type == "single_label_classification":
+                loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+        if not return_dict:
+            rest = (logits, outputs.hidden_states, outputs.attentions)
+            return tuple(v for v in ((loss,) if loss is not None else ()) + rest if v is not None)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = [
+    "NeoBERTModel",
+    "NeoBERTForMaskedLM",
+    "NeoBERTForSequenceClassification",
+    "NeoBERTPreTrainedModel",
+    "NeoBERTLayer",
+    "NeoBERTAttention",
+    "NeoBERTMLP",
+    "NEOBERT_ATTENTION_FUNCTIONS",
+]

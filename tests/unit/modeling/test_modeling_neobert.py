@@ -1,0 +1,246 @@
+"""NeoBERT forward semantics: packing, backends, masked-only MLM head, losses, QK observer, parameter count."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neobert_pt import NeoBERTConfig, NeoBERTForMaskedLM, NeoBERTForSequenceClassification, NeoBERTModel
+from neobert_pt.modeling.modeling_neobert import build_layout, combine_document_ids, positions_from_documents
+
+DOC_LENGTHS = (5, 3, 4)
+ROW_LEN = 14  # 12 real tokens + 2 padding
+
+
+def packed_batch(vocab: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Row 0 packs three documents then padding; row 1 is one document filling the row."""
+    docs = [torch.randint(1, vocab, (n,)) for n in DOC_LENGTHS]
+    ids = torch.zeros(2, ROW_LEN, dtype=torch.long)
+    doc_ids = torch.full((2, ROW_LEN), -1, dtype=torch.long)
+    pos = torch.zeros(2, ROW_LEN, dtype=torch.long)
+    start = 0
+    for i, d in enumerate(docs):
+        ids[0, start : start + len(d)] = d
+        doc_ids[0, start : start + len(d)] = i
+        pos[0, start : start + len(d)] = torch.arange(len(d))
+        start += len(d)
+    full = torch.randint(1, vocab, (ROW_LEN,))
+    ids[1], doc_ids[1], pos[1] = full, 0, torch.arange(ROW_LEN)
+    batch = dict(input_ids=ids, attention_mask=(doc_ids >= 0).long(), position_ids=pos, document_ids=doc_ids)
+    return docs + [full], batch
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("variant", [{}, {"hidden_act": "gelu", "rms_norm": False}])
+def test_packed_row_equals_each_document_alone(make_config, impl, variant):
+    model = NeoBERTModel(make_config(attn_implementation=impl, **variant)).eval()
+    docs, batch = packed_batch(model.config.vocab_size)
+    with torch.no_grad():
+        packed = model(**batch).last_hidden_state
+        start = 0
+        for d in docs[:3]:
+            alone = model(d[None]).last_hidden_state[0]
+            torch.testing.assert_close(packed[0, start : start + len(d)], alone, atol=1e-5, rtol=1e-5)
+            start += len(d)
+        torch.testing.assert_close(packed[1], model(docs[3][None]).last_hidden_state[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(packed).all()  # padded positions included
+
+
+def test_positions_derived_from_document_ids(make_config):
+    _, batch = packed_batch(97)
+    torch.testing.assert_close(positions_from_documents(batch["document_ids"])[0, :12], batch["position_ids"][0, :12])
+    model = NeoBERTModel(make_config()).eval()
+    with torch.no_grad():
+        explicit = model(**batch).last_hidden_state
+        derived = model(**{k: v for k, v in batch.items() if k != "position_ids"}).last_hidden_state
+    torch.testing.assert_close(explicit[batch["document_ids"] >= 0], derived[batch["document_ids"] >= 0])
+
+
+def test_layout_fast_path_and_mask():
+    assert combine_document_ids((2, 4), torch.device("cpu"), torch.ones(2, 4, dtype=torch.long), None) is None
+    assert combine_document_ids((2, 4), torch.device("cpu"), None, None) is None
+    doc = torch.tensor([[0, 0, 1, -1]])
+    layout = build_layout(doc, "sdpa", with_allowed=True)
+    expected_allowed = torch.tensor(
+        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool
+    )
+    assert torch.equal(layout.allowed[0, 0], expected_allowed)
+    # the kernel mask only differs by letting the padding query see itself (no empty softmax row)
+    kernel = expected_allowed.clone()
+    kernel[3, 3] = True
+    assert torch.equal(layout.mask[0, 0], kernel)
+    assert build_layout(doc, "sdpa", with_allowed=False).allowed is None
+
+
+def test_fully_padded_row_is_finite(make_config):
+    model = NeoBERTForMaskedLM(make_config()).eval()
+    ids = torch.randint(1, 97, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1] = 0
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_eager_and_sdpa_agree_and_attentions(make_config):
+    sdpa = NeoBERTForMaskedLM(make_config(attn_implementation="sdpa")).eval()
+    eager = NeoBERTForMaskedLM(make_config(attn_implementation="eager")).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    _, batch = packed_batch(97)
+    with torch.no_grad():
+        a = sdpa(**batch).logits
+        b = eager(**batch, output_attentions=True)
+    torch.testing.assert_close(a, b.logits, atol=1e-5, rtol=1e-5)
+    assert len(b.attentions) == 2
+    weights = b.attentions[0]  # (B, nH, T, T)
+    assert weights.shape == (2, 4, ROW_LEN, ROW_LEN)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, ROW_LEN))
+    doc = batch["document_ids"][0]
+    cross = (doc[:, None] != doc[None, :]) & (doc[:, None] >= 0)
+    assert weights[0][:, cross].abs().max() == 0  # nothing leaks across documents or into padding
+
+
+def test_masked_logits_only_matches_full_logits(make_config):
+    model = NeoBERTForMaskedLM(make_config(masked_logits_only=True)).eval()
+    full = NeoBERTForMaskedLM(make_config(masked_logits_only=False)).eval()
+    full.load_state_dict(model.state_dict())
+    _, batch = packed_batch(97)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, [1, 6, 9]] = torch.tensor([5, 7, 11])
+    labels[1, [0, 13]] = torch.tensor([3, 2])
+    with torch.no_grad():
+        sparse = model(**batch, labels=labels)
+        dense = full(**batch, labels=labels)
+    selected = labels.flatten() != -100
+    assert sparse.logits.shape == (5, 97)
+    torch.testing.assert_close(sparse.logits, dense.logits.flatten(0, 1)[selected])
+    manual = F.cross_entropy(dense.logits.flatten(0, 1)[selected], labels.flatten()[selected])
+    torch.testing.assert_close(sparse.loss, manual)
+    torch.testing.assert_close(dense.loss, manual)
+    with torch.no_grad():
+        global_count = model(**batch, labels=labels, num_items_in_batch=20).loss
+    torch.testing.assert_close(global_count, manual * 5 / 20)
+
+
+def test_no_masked_token_gives_zero_loss(make_config):
+    model = NeoBERTForMaskedLM(make_config())
+    ids = torch.randint(1, 97, (1, 5))
+    out = model(input_ids=ids, labels=torch.full_like(ids, -100))
+    assert out.loss.item() == 0.0
+    out.loss.backward()  # still differentiable
+
+
+def test_qk_observer_sees_rotated_unscaled_qk(make_config):
+    model = NeoBERTForMaskedLM(make_config(attn_implementation="eager")).eval()
+    _, batch = packed_batch(97)
+    seen = []
+
+    def observer(module, q, k, allowed):
+        seen.append((module, q, k, allowed))
+
+    for layer in model.model.layers:
+        layer.attention.qk_observer = observer
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+    assert [s[0] for s in seen] == [layer.attention for layer in model.model.layers]
+    module, q, k, allowed = seen[0]
+    assert q.shape == k.shape == (2, 4, ROW_LEN, 8)
+    assert allowed.shape == (2, 1, ROW_LEN, ROW_LEN) and allowed.dtype == torch.bool
+    doc = batch["document_ids"]
+    expected = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
+    assert torch.equal(allowed[:, 0], expected)
+    # softmax(q k^T / sqrt(d)) over allowed keys reproduces the attention weights → q, k are post-RoPE, unscaled
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+    real = doc >= 0
+    torch.testing.assert_close(probs[real[:, None].expand(-1, 4, -1)], out.attentions[0][real[:, None].expand(-1, 4, -1)])
+
+    for layer in model.model.layers:
+        layer.attention.qk_observer = None
+    seen.clear()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    assert not seen
+
+
+def test_observer_allowed_is_none_without_mask(make_config):
+    model = NeoBERTModel(make_config()).eval()
+    seen = []
+    model.layers[0].attention.qk_observer = lambda m, q, k, allowed: seen.append(allowed)
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 97, (2, 5)), attention_mask=torch.ones(2, 5, dtype=torch.long))
+    assert seen == [None]
+
+
+def test_gradient_checkpointing_same_gradients(make_config):
+    model = NeoBERTForMaskedLM(make_config())
+    _, batch = packed_batch(97)
+    labels = batch["input_ids"].masked_fill(batch["document_ids"] < 0, -100)
+    model(**batch, labels=labels).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    model(**batch, labels=labels).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+@pytest.mark.parametrize(
+    ("num_labels", "labels", "problem", "loss_fn"),
+    [
+        (1, torch.tensor([0.5, -1.0]), "regression", lambda lg, y: F.mse_loss(lg.squeeze(-1), y)),
+        (3, torch.tensor([2, 0]), "single_label_classification", F.cross_entropy),
+        (3, torch.tensor([[1.0, 0, 1], [0, 1, 0]]), "multi_label_classification", F.binary_cross_entropy_with_logits),
+    ],
+)
+def test_sequence_classification_losses(make_config, num_labels, labels, problem, loss_fn):
+    model = NeoBERTForSequenceClassification(make_config(num_labels=num_labels)).eval()
+    ids = torch.randint(1, 97, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        first_only = model(input_ids=ids[1:, :5])  # pooling reads the first token; padding must not matter
+    assert out.logits.shape == (2, num_labels)
+    assert model.config.problem_type == problem
+    torch.testing.assert_close(out.loss, loss_fn(out.logits, labels))
+    torch.testing.assert_close(out.logits[1:], first_only.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_100m_recipe_parameter_count():
+    with torch.device("meta"):
+        model = NeoBERTForMaskedLM(NeoBERTConfig())
+    h, v, layers, inner = 768, 30522, 12, 2048
+    per_layer = 3 * h * h + h * h + 3 * h * inner + 2 * h
+    expected = v * h + layers * per_layer + h  # tied head adds nothing
+    n = sum(p.numel() for p in model.parameters())
+    assert model.model.layers[0].ffn.gate_proj.out_features == 2048
+    assert n == expected == 108_394_752
+    with torch.device("meta"):
+        big = NeoBERTForMaskedLM(NeoBERTConfig(num_hidden_layers=28))
+    assert sum(p.numel() for p in big.parameters()) == v * h + 28 * per_layer + h
+
+
+def test_config_validation_and_schema_fields():
+    from dataclasses import asdict
+
+    from neobert_pt.config.schema import ModelConfig
+
+    fields = asdict(ModelConfig(hidden_size=64, num_attention_heads=4))
+    fields["vocab_size"] = 123
+    cfg = NeoBERTConfig(**fields, pad_token_id=0)
+    for name, value in fields.items():
+        if name == "attn_implementation":
+            assert cfg._attn_implementation == value
+        else:
+            assert getattr(cfg, name) == value, name
+    with pytest.raises(ValueError, match="allowed: swiglu, gelu"):
+        NeoBERTConfig(hidden_act="relu")
+    with pytest.raises(ValueError, match="allowed: auto, sdpa, eager, flash_attention_2"):
+        NeoBERTConfig(attn_implementation="flex")
+    with pytest.raises(ValueError, match="divisible"):
+        NeoBERTConfig(hidden_size=30, num_attention_heads=4)
+    assert NeoBERTConfig(attn_implementation="auto")._attn_implementation == "sdpa"  # no CUDA here
+    assert NeoBERTConfig(vocab_size=None).vocab_size == 30522
