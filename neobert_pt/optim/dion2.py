@@ -1,0 +1,265 @@
+"""Dion2: Muon with a shrunk orthonormalisation, implemented natively (spec ``dion2_muonclip.md`` §1).
+
+Per matrix and step: an error-feedback buffer ``M`` accumulates raw gradients; the ``fraction`` of rows (wide or
+square matrices) or columns (tall ones) with the largest L1 norm is orthogonalised in bf16 and applied to the same
+slices of ``W``; only those slices of ``M`` are multiplied by ``ef_decay``. Weight decay touches every entry. Scalar
+parameters (embeddings, norms, biases) are stepped by AdamW or Lion inside the same optimizer (``algorithm`` key).
+
+Op order and dtypes follow upstream ``microsoft/dion`` eager code, so single-process results reproduce its CPU
+fixture bit-for-bit. Distribution (DDP work split, FSDP2 all-to-all) lives in :mod:`neobert_pt.optim.dion2_distributed`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from neobert_pt.optim import dion2_distributed as _dist
+from neobert_pt.optim.orthogonalize import orthogonalize
+
+ALGORITHMS = ("dion2", "adamw", "lion")
+ADJUST_LR_MODES = ("spectral_norm", "rms_norm", None)
+SELECTION_SCOPES = ("local", "global")
+
+OrthFn = Callable[[Tensor], Tensor]
+
+
+def adjusted_lr(lr: Tensor, fan_out: int, fan_in: int, mode: str | None) -> Tensor:
+    """Shape-dependent step size from the FULL matrix shape (§1.6). ``spectral_norm`` has no ``max(1, ·)`` clamp."""
+    if mode == "spectral_norm":
+        return lr * math.sqrt(fan_out / fan_in)
+    if mode == "rms_norm":
+        return lr * (0.2 * math.sqrt(max(fan_out, fan_in)))
+    if mode is None:
+        return lr
+    raise ValueError(f"unknown adjust_lr {mode!r}; valid: spectral_norm, rms_norm, None")
+
+
+def num_selected(fraction: float, n: int) -> int:
+    """``k = max(1, ceil(fraction · n))``."""
+    return max(1, math.ceil(fraction * n))
+
+
+def _local(t: Tensor) -> Tensor:
+    """The tensor this rank holds: the local shard of a DTensor, the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Dion2(torch.optim.Optimizer):
+    """Dion2 + AdamW/Lion scalar groups; constructor-compatible with upstream ``dion.Dion2``.
+
+    ``distributed_mesh``: ``None`` (one process), a ``ProcessGroup`` (DDP: orthogonalisation of each same-shape
+    bucket is split across ranks and all-gathered; bit-identical to one process) or a 1-D ``DeviceMesh`` (FSDP2
+    ``Shard(0)`` DTensor params: selected rows travel by all-to-all to an owner rank). Gradients must already be
+    synchronised (DDP/FSDP2 do that); this optimizer never reduces gradients.
+
+    Group keys beyond upstream: ``betas`` (mapped to ``beta1``/``beta2``, never silently ignored) and
+    ``split_rows`` (> 1: the matrix stacks that many independent row blocks, e.g. fused QKV = 3; each block is
+    selected, orthogonalised and LR-scaled as its own matrix. Not applied to FSDP2 row-sharded params, whose row
+    shards cut across blocks: there the matrix is treated whole).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        distributed_mesh: Any = None,
+        lr: float = 0.01,
+        fraction: float = 0.25,
+        ef_decay: float = 0.95,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.01,
+        epsilon: float = 1e-8,
+        adjust_lr: str | None = "spectral_norm",
+        use_polar_express: bool = True,
+        selection_scope: str = "local",
+        flatten: bool = False,
+        newton_schulz_func: OrthFn | None = None,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"invalid lr {lr}")
+        if flatten:
+            raise NotImplementedError("flatten=True is not supported; NeoBERT has only 2-D matrices")
+        defaults = dict(
+            lr=lr, ef_decay=ef_decay, fraction=float(fraction), beta1=betas[0], beta2=betas[1],
+            weight_decay=weight_decay, epsilon=epsilon, flatten=False, adjust_lr=adjust_lr,
+            algorithm="dion2", step=0, selection_scope=selection_scope, split_rows=1,
+        )
+        self._mesh_kind, self._group, self._mesh = _dist.resolve_mesh(distributed_mesh)
+        self._orth: OrthFn | None = newton_schulz_func
+        self._orth_method = "polar_express" if use_polar_express else "newton_schulz"
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if isinstance(p, DTensor) and self._mesh_kind != "fsdp":
+                    raise RuntimeError("DTensor parameters need distributed_mesh to be their 1-D DeviceMesh")
+                self._init_state(p, group["algorithm"])
+
+    # ----------------------------------------------------------------------------------------- groups and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Map ``betas`` to ``beta1``/``beta2`` and validate hyperparameters before torch fills the defaults."""
+        group = dict(param_group)
+        if "betas" in group:
+            betas = tuple(group.pop("betas"))
+            if len(betas) != 2:
+                raise ValueError(f"betas must have two values, got {betas}")
+            group["beta1"], group["beta2"] = betas
+        super().add_param_group(group)
+        group = self.param_groups[-1]
+        if group["algorithm"] not in ALGORITHMS:
+            raise ValueError(f"Unknown algorithm {group['algorithm']!r}; valid: {', '.join(ALGORITHMS)}")
+        if isinstance(group["fraction"], int):
+            group["fraction"] = float(group["fraction"])
+        if not 0.0 < group["fraction"] <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {group['fraction']}")
+        if group["ef_decay"] < 0:
+            raise ValueError(f"ef_decay must be >= 0, got {group['ef_decay']}")
+        if group["beta1"] < 0 or group["beta2"] < 0:
+            raise ValueError(f"betas must be >= 0, got ({group['beta1']}, {group['beta2']})")
+        if group["adjust_lr"] not in ADJUST_LR_MODES:
+            raise ValueError(f"unknown adjust_lr {group['adjust_lr']!r}; valid: spectral_norm, rms_norm, None")
+        if group["selection_scope"] not in SELECTION_SCOPES:
+            raise ValueError(f"unknown selection_scope {group['selection_scope']!r}; valid: local, global")
+        if group["algorithm"] == "dion2":
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ValueError(f"dion2 groups take matrices (ndim >= 2); got a tensor of shape {tuple(p.shape)}")
+                if p.shape[-2] % group["split_rows"]:
+                    raise ValueError(f"split_rows={group['split_rows']} does not divide {p.shape[-2]} rows")
+
+    def _init_state(self, p: Tensor, algorithm: str) -> None:
+        """Pre-populate state for every param so the key set is identical on every rank (DCP needs that)."""
+        state = self.state[p]
+        if state:
+            return
+        state["momentum"] = torch.zeros_like(p)
+        if algorithm == "adamw":
+            state["variance"] = torch.zeros_like(p)
+            state["step_dev"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Torch casts floating state to the param dtype; keep AdamW's step counter fp32 and recreate it if missing."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if group["algorithm"] != "adamw":
+                continue
+            for p in group["params"]:
+                state = self.state[p]
+                device = _local(p).device
+                step = state.get("step_dev")
+                if step is None:
+                    state["step_dev"] = torch.tensor(float(group["step"]), dtype=torch.float32, device=device)
+                else:
+                    state["step_dev"] = step.to(dtype=torch.float32, device=device)
+
+    # ------------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every group. No host synchronisation: selection sizes are Python ints."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            group["step"] += 1
+        for algorithm, fn in (("dion2", self._step_dion2), ("lion", self._step_lion), ("adamw", self._step_adamw)):
+            for group in self.param_groups:
+                if group["algorithm"] == algorithm:
+                    fn(group)
+        return loss
+
+    def _orthogonalize(self, x: Tensor, eps: float) -> Tensor:
+        if self._orth is not None:
+            return self._orth(x, epsilon=eps)
+        return orthogonalize(x, method=self._orth_method, eps=eps)
+
+    def _step_dion2(self, group: dict[str, Any]) -> None:
+        lr = torch.tensor(group["lr"], dtype=torch.float32)
+        decay = 1 - lr * group["weight_decay"]
+        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            layout = _dist.classify(p, self._mesh_kind, self._mesh)
+            buckets[(tuple(p.shape), p.dtype, layout)].append(p)
+        orth = lambda x: self._orthogonalize(x, group["epsilon"])  # noqa: E731
+        for (shape, _, layout), params in buckets.items():
+            if layout == "row_sharded":
+                rows, cols = shape[-2], shape[-1]
+                neg_lr = -adjusted_lr(lr, rows, cols, group["adjust_lr"])
+                args = (params, self.state, group, decay, neg_lr, orth, self._group)
+                if group["selection_scope"] == "global":
+                    _dist.fsdp_step_global(*args)
+                else:
+                    _dist.fsdp_step_local(*args)
+            else:
+                self._dense_bucket(params, group, lr, decay, orth)
+
+    def _dense_bucket(self, params: list[Tensor], group: dict[str, Any], lr: Tensor, decay: Tensor, orth: OrthFn) -> None:
+        """Same-shape unsharded matrices (or batch-sharded stacks): select locally, orthogonalise as one batch."""
+        split = group["split_rows"]
+        rows, cols = params[0].shape[-2] // split, params[0].shape[-1]
+        select_rows = rows <= cols
+        dim = 1 if select_rows else 2
+        k = num_selected(group["fraction"], rows if select_rows else cols)
+        neg_lr = -adjusted_lr(lr, rows, cols, group["adjust_lr"])
+        picks, blocks = [], []
+        for p in params:
+            m = _local(self.state[p]["momentum"])
+            m.add_(_local(p.grad).to(m.dtype))
+            m3 = m.view(-1, rows, cols)
+            norms = m3.abs().sum(dim=3 - dim)
+            idx = norms.topk(k, dim=-1, sorted=False).indices
+            idx = idx.unsqueeze(2).expand(-1, -1, cols) if select_rows else idx.unsqueeze(1).expand(-1, rows, -1)
+            selected = m3.gather(dim, idx)
+            m3.scatter_(dim, idx, selected * group["ef_decay"])
+            picks.append(idx)
+            blocks.append(selected.bfloat16())
+        stacked = torch.cat(blocks)
+        if stacked.shape[0] == 1:
+            ortho = orth(stacked[0]).unsqueeze(0)
+        elif self._mesh_kind == "ddp":
+            ortho = _dist.ddp_orthogonalize(stacked, orth, self._group)
+        else:
+            ortho = orth(stacked)
+        for p, idx, o in zip(params, picks, ortho.split([i.shape[0] for i in picks])):
+            w = _local(p)
+            w.mul_(decay)
+            w.view(-1, rows, cols).scatter_add_(dim, idx, o.to(w.dtype) * neg_lr)
+
+    def _step_lion(self, group: dict[str, Any]) -> None:
+        lr, wd, beta1, beta2 = group["lr"], group["weight_decay"], group["beta1"], group["beta2"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            w, g, m = _local(p), _local(p.grad), _local(self.state[p]["momentum"])
+            update = m.lerp(g, 1 - beta1).sign_()
+            m.lerp_(g, 1 - beta2)
+            w.mul_(1 - lr * wd)
+            w.add_(update, alpha=-lr)
+
+    def _step_adamw(self, group: dict[str, Any]) -> None:
+        """Decoupled AdamW in torch's op order; the step counter is a device tensor so bias correction never syncs."""
+        lr, wd, beta1, beta2, eps = group["lr"], group["weight_decay"], group["beta1"], group["beta2"], group["epsilon"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            w, g = _local(p), _local(p.grad)
+            m, v, t = _local(state["momentum"]), _local(state["variance"]), state["step_dev"]
+            t.add_(1)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            w.mul_(1 - lr * wd)
+            bias1 = 1 - torch.pow(beta1, t)
+            bias2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
+            denom = (v.sqrt() / bias2_sqrt).add_(eps)
+            w.addcdiv_(m * (-lr / bias1), denom)
+
+
+__all__ = ["Dion2", "adjusted_lr", "num_selected"]
