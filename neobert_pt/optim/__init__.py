@@ -1,6 +1,8 @@
 """Optimizers and the registry that builds them from ``optimizer.*`` config."""
 
 from neobert_pt.optim.config import DanaConfig, Dion2Config, MuonConfig, OptimizerConfig
+from neobert_pt.optim.muon import Muon
+from neobert_pt.optim.orthogonalize import orthogonalize
 from neobert_pt.optim.registry import (
     BuiltOptimizer,
     OptimizerContext,
@@ -13,10 +15,12 @@ __all__ = [
     "BuiltOptimizer",
     "DanaConfig",
     "Dion2Config",
+    "Muon",
     "MuonConfig",
     "OptimizerConfig",
     "OptimizerContext",
     "available_optimizers",
     "build_optimizer",
+    "orthogonalize",
     "register",
 ]
