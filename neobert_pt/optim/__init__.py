@@ -1,6 +1,8 @@
 """Optimizers and the registry that builds them from ``optimizer.*`` config."""
 
 from neobert_pt.optim.config import DanaConfig, Dion2Config, MuonConfig, OptimizerConfig
+from neobert_pt.optim.dana import ADana, AdamWDecayingWD, DanaStar
+from neobert_pt.optim.dion2 import Dion2
 from neobert_pt.optim.muon import Muon
 from neobert_pt.optim.orthogonalize import orthogonalize
 from neobert_pt.optim.registry import (
@@ -12,8 +14,12 @@ from neobert_pt.optim.registry import (
 )
 
 __all__ = [
+    "ADana",
+    "AdamWDecayingWD",
     "BuiltOptimizer",
     "DanaConfig",
+    "DanaStar",
+    "Dion2",
     "Dion2Config",
     "Muon",
     "MuonConfig",

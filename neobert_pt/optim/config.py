@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from neobert_pt.config.errors import ConfigError
 from neobert_pt.config.fields import option
 
 
@@ -73,16 +74,39 @@ class Dion2Config:
 
 @dataclass
 class DanaConfig:
-    """The DANA family (adana, dana-mk4, dana-star, dana-star-mk4, adamw-decaying-wd); paper defaults."""
+    """The DANA family (adana, dana-mk4, dana-star, dana-star-mk4) and adamw-decaying-wd; defaults = paper values.
 
-    delta: float = option(8.0, "EMA rate constant: a_t = delta / (delta + t).")
-    kappa: float = option(0.85, "Damping exponent of the log-time momentum (1 + t)^(1 - kappa).")
-    clipsnr: float = option(2.0, "SNR clip of the MK4 variants (ignored by adana / dana-star).")
-    omega: float = option(4.0, "Weight-decay strength: weight_decay = omega / wd_ts.")
-    wd_ts: float | None = option(None, "Weight-decay time scale in steps; null: wd_ts_fraction * max_steps.")
-    wd_ts_fraction: float = option(0.1, "wd_ts as a fraction of trainer.max_steps when wd_ts is null.")
-    wd_decaying: bool = option(True, "Multiply weight decay by the LR schedule factor lr_t / lr_peak.")
-    gamma_3_factor: float = option(1.0, "Scale of the momentum term.")
+    Epsilon comes from ``optimizer.eps`` (and betas from ``optimizer.betas`` for adamw-decaying-wd). Weight decay is
+    derived, never set directly: ``weight_decay = omega / wd_ts`` on the matrix groups (the current "independent"
+    convention; the legacy ``omega / (lr * wd_ts)`` would inflate it by 1/lr and collapse the weights).
+    """
+
+    delta: float = option(8.0, "EMA rate constant: a_t = delta / (delta + t) for m, v and tau (not retuned per size).")
+    kappa: float = option(
+        0.85, "Damping exponent: momentum coefficient 1 + (1 + t)^(1 - kappa); the LR rule is keyed by it."
+    )
+    clipsnr: float = option(2.0, "Cap on the Nesterov term of dana-mk4 / dana-star-mk4 (ignored by adana, dana-star).")
+    omega: float = option(4.0, "Weight-decay strength: weight_decay = omega / wd_ts (0 disables decay).")
+    wd_ts: float | None = option(None, "Weight-decay time scale in optimizer steps; null: wd_ts_fraction * max_steps.")
+    wd_ts_fraction: float = option(0.1, "wd_ts = floor(wd_ts_fraction * trainer.max_steps) when wd_ts is null.")
+    wd_decaying: bool = option(True, "Decay the weight decay over time: divide it by (1 + t / wd_ts).")
+    gamma_3_factor: float = option(1.0, "Scale of the whole momentum term (plain + Nesterov); 0 gives RMSprop.")
+    foreach: bool = option(True, "Multi-tensor (torch._foreach) kernels; false steps one tensor at a time (same maths).")
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("delta", self.delta > 0, "> 0"),
+            ("clipsnr", self.clipsnr > 0, "> 0 (a cap <= 0 flips the Nesterov term)"),
+            ("omega", self.omega >= 0, ">= 0"),
+            ("wd_ts", self.wd_ts is None or self.wd_ts > 0, "> 0 or null"),
+            ("wd_ts_fraction", 0 < self.wd_ts_fraction, "> 0"),
+        )
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(
+                    f"optimizer.dana_config.{key}={getattr(self, key)!r} is invalid: must be {allowed}; "
+                    f"set --optimizer.dana_config.{key} to a valid value."
+                )
 
 
 @dataclass
