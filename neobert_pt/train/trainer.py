@@ -1,0 +1,348 @@
+"""The training loop: wires tested components together and runs the step (style.md §3.5).
+
+Build order (``Trainer.__init__``): seed → accelerator → run directory / resume decision → tokenizer and data for
+this rank → model → wrap (``distributed.py``) → resolve ``optimizer.lr: auto`` → optimizer (after wrapping, with the
+mesh / process group) → scheduler → checkpointer → resume. ``fit()`` sequences step → log → eval → checkpoint and
+ends with the final model, the summary files and a printed table.
+
+Collectives: every all-reduce, eval forward, QK-clip reduction and checkpoint save is entered by every rank; only
+writing (console, metrics.jsonl, W&B, summary, final model files) is limited to the main process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+
+from neobert_pt.config import config_to_dict, save_config
+from neobert_pt.config.schema import RunConfig
+from neobert_pt.optim import OptimizerContext, build_optimizer
+from neobert_pt.train import distributed
+from neobert_pt.train.checkpoint import Checkpointer
+from neobert_pt.train.metrics import METRICS_FILE, build_metric_logger, peak_memory_mb
+from neobert_pt.train.scheduler import build_scheduler, effective_warmup
+from neobert_pt.train.summary import build_summary, read_metrics, summary_table, write_summary
+
+logger = logging.getLogger("neobert_pt.train")
+
+FINAL_DIR = "final"
+LOGS_DIR = "logs"
+CONFIG_FILE = "config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite steps; the last good state was checkpointed."""
+
+
+class TrainState:
+    """Trainer counters saved in every checkpoint (registered with ``accelerator.register_for_checkpointing``)."""
+
+    def __init__(self) -> None:
+        self.step = 0  # optimizer steps done (skipped non-finite steps included: they consumed their data)
+        self.tokens_seen = 0  # global non-pad input tokens
+        self.nonfinite_skipped = 0
+        self.wandb_run_id: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def _setup_logging(output_dir: Path, rank: int, is_main: bool) -> list[logging.Handler]:
+    """Rank 0 logs to the console; every rank logs everything to ``logs/rank_<r>.log`` (kept for failures)."""
+    (output_dir / LOGS_DIR).mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(output_dir / LOGS_DIR / f"rank_{rank}.log")
+    file_handler.setFormatter(fmt)
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setLevel(logging.INFO if is_main else logging.ERROR)
+    root = logging.getLogger("neobert_pt")
+    root.setLevel(logging.INFO)
+    root.addHandler(file_handler)
+    root.addHandler(console)
+    return [file_handler, console]
+
+
+class Trainer:
+    """Pretrains NeoBERT with masked language modelling as configured by ``run``.
+
+    Usage: ``summary = Trainer(run).fit()`` then ``close()`` (also on the exception path).
+    """
+
+    def __init__(self, run: RunConfig, *, accelerator: Any = None) -> None:
+        from neobert_pt.data import build_data, build_tokenizer
+        from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
+
+        self.run = run
+        tcfg = run.trainer
+        self.output_dir = Path(tcfg.output_dir)
+        self.max_steps = tcfg.max_steps
+        set_seed(run.seed)  # python, numpy, torch: model init and everything else start from the seed
+        self._owns_accelerator = accelerator is None
+        self.accelerator = acc = accelerator or distributed.make_accelerator(tcfg.mixed_precision)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._handlers = _setup_logging(self.output_dir, acc.process_index, acc.is_main_process)
+        self.metrics: Any = None
+
+        # Decide fresh start vs resume before anything is written into the run directory.
+        self.checkpointer = Checkpointer(acc, self.output_dir, save_steps=tcfg.save_steps,
+                                         save_total_limit=tcfg.save_total_limit, max_steps=self.max_steps)
+        self.resume_path = self.checkpointer.resolve_resume(tcfg.resume_from_checkpoint)
+        wants_resume = str(tcfg.resume_from_checkpoint).lower() in ("latest", "true")
+        self.checkpointer.check_output_dir(resuming=self.resume_path is not None or wants_resume,
+                                           overwrite=tcfg.overwrite_output_dir)
+        if acc.is_main_process:
+            save_config(run, self.output_dir / CONFIG_FILE)
+
+        with acc.main_process_first():  # rank 0 fills the tokenization cache, the others read it
+            self.tokenizer = build_tokenizer(run)
+            self.data = build_data(run, self.tokenizer, rank=acc.process_index, world_size=acc.num_processes)
+        self.train_iter = iter(self.data.train)
+
+        model_fields = asdict(run.model)
+        vocab = model_fields.pop("vocab_size") or len(self.tokenizer)
+        if vocab < len(self.tokenizer):
+            raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(self.tokenizer)} tokens)")
+        model = NeoBERTForMaskedLM(
+            NeoBERTConfig(**model_fields, vocab_size=vocab, pad_token_id=self.tokenizer.pad_token_id)
+        )
+        if tcfg.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.model, mesh = distributed.wrap_model(acc, model)
+        self.unwrapped = acc.unwrap_model(self.model)
+        if tcfg.torch_compile:
+            self.model = torch.compile(self.model)
+
+        opt_cfg = run.optimizer
+        if opt_cfg.lr == "auto":
+            from neobert_pt.optim.lr_rule import resolve_lr
+
+            opt_cfg = resolve_lr(opt_cfg, self.unwrapped)
+        built = build_optimizer(OptimizerContext(model=self.unwrapped, config=opt_cfg, max_steps=self.max_steps,
+                                                 distributed_mesh=mesh))
+        self.qk_clip = built.qk_clip
+        self.optimizer = distributed.prepare_optimizer(acc, built.optimizer)
+        self.scheduler = build_scheduler(built.optimizer, run.scheduler, self.max_steps)
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.scheduler, self.state)
+
+        self.resumed_from_step: int | None = None
+        if self.resume_path is not None:
+            rank_state = self.checkpointer.load(self.resume_path)
+            self.data.train.load_state_dict(rank_state["data"])
+            self.train_iter = iter(self.data.train)
+            self._apply_schedule_at(self.state.step)  # a larger max_steps re-shapes the decay from here on
+            self.resumed_from_step = self.state.step
+
+        self.metrics = build_metric_logger(
+            acc.is_main_process, output_dir=self.output_dir, max_steps=self.max_steps, start_step=self.state.step,
+            resume_step=self.resumed_from_step, wandb_cfg=run.wandb, wandb_run_id=self.state.wandb_run_id,
+            config=config_to_dict(run), disable_tqdm=tcfg.disable_tqdm,
+        )
+        if acc.is_main_process:
+            self.state.wandb_run_id = self.metrics.wandb_run_id
+        self._log_startup(built.log_lines)
+
+    # ---- set-up helpers ---------------------------------------------------------------------------------------
+    def _apply_schedule_at(self, step: int) -> None:
+        """Set every group's LR to the schedule's value at ``step`` (the checkpoint stores the old horizon's LR)."""
+        lrs = [base * fn(step) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+        logger.info("resumed at step %d with lr %.4g (max_steps %d)", step, lrs[0], self.max_steps)
+
+    def _log_startup(self, optimizer_lines: list[str]) -> None:
+        t, acc = self.run.trainer, self.accelerator
+        rows = t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
+        seq = self.run.dataset.max_seq_length
+        lines = [
+            f"mode {distributed.mode(acc)} · world size {acc.num_processes} · device {acc.device} · "
+            f"mixed precision {acc.mixed_precision} · model {self.num_params / 1e6:.2f}M params",
+            f"batch: {t.per_device_train_batch_size} rows/device × {t.gradient_accumulation_steps} accumulation × "
+            f"{acc.num_processes} processes = {rows} rows × {seq} tokens = {rows * seq:,} tokens/step "
+            f"(≈{rows * seq * self.run.datacollator.mlm_probability:,.0f} masked)",
+            f"steps: {self.max_steps} total, {effective_warmup(self.run.scheduler.warmup_steps, self.max_steps)} "
+            f"warmup ({self.run.scheduler.name}), start at {self.state.step}",
+            *optimizer_lines,
+        ]
+        for line in lines:
+            logger.info(line)
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+    def train_step(self, should_log: bool) -> dict[str, float]:
+        """One optimizer step over an accumulation window; returns metrics reduced over all ranks."""
+        acc, tcfg = self.accelerator, self.run.trainer
+        step = self.state.step + 1  # the step being produced (QK-clip counts from 1)
+        window = [next(self.train_iter) for _ in range(tcfg.gradient_accumulation_steps)]
+        # Global masked-token count of the window: every micro-batch loss is sum(CE)/global_count, so the summed
+        # gradient is the exact token-mean over the whole global batch whatever the per-rank mask counts.
+        counts = torch.stack([sum((b["labels"] != -100).sum() for b in window),
+                              sum(b["attention_mask"].sum() for b in window)]).to(acc.device, torch.float64)
+        distributed.all_reduce(counts)
+        global_masked = counts[0].clamp(min=1)
+        observe = self.qk_clip.wants_observation(step, should_log) if self.qk_clip is not None else False
+        qk_ctx = self.qk_clip.observing(observe) if self.qk_clip is not None else contextlib.nullcontext()
+
+        loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+        with qk_ctx:
+            for i, batch in enumerate(window):
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                sync = i == len(window) - 1  # gradients are all-reduced / reduce-scattered on the last only
+                with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                    out = self.model(**batch, num_items_in_batch=global_masked)
+                    # DDP and FSDP2 average gradients over ranks; the loss is already divided by the global count,
+                    # so undo the average by scaling with the world size.
+                    acc.backward(out.loss * acc.num_processes)
+                loss_sum += out.loss.detach().double()
+
+        max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else math.inf
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # global norm, same on every rank
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # One all-reduce for the loss and a "some rank saw a non-finite value" flag.
+        stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm.double())).double()])
+        distributed.all_reduce(stats)
+        loss, nonfinite = stats[0].item(), stats[1].item() > 0  # host sync: the skip decision needs the value
+        lr = self.optimizer.param_groups[0]["lr"]
+
+        metrics: dict[str, float] = {}
+        if nonfinite:
+            self.state.nonfinite_skipped += 1
+            self._consecutive_nonfinite += 1
+            logger.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
+                           step, loss, grad_norm.item(), self._consecutive_nonfinite)
+        else:
+            self._consecutive_nonfinite = 0
+            self.optimizer.step()
+            if self.qk_clip is not None:
+                metrics.update(self.qk_clip.after_step(step))  # every rank: reduces and rescales W_q / W_k
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step = step
+        self.state.tokens_seen += int(counts[1].item())
+        metrics.update({"train/loss": loss, "train/grad_norm": grad_norm.item(), "train/lr": lr,
+                        "train/tokens": counts[1].item()})
+        return metrics
+
+    # ---- eval -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted MLM loss and masked-token accuracy on the fixed eval budget (every rank enters)."""
+        acc = self.accelerator
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # CE sum | correct | masked tokens
+        for batch in self.data.eval_batches():
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            out = self.model(**batch, num_items_in_batch=1)  # loss = sum of token CE
+            labels = batch["labels"]
+            selected = labels != -100
+            logits = out.logits if out.logits.dim() == 2 else out.logits[selected]  # (num_masked, V)
+            sums += torch.stack([out.loss.double(), (logits.argmax(-1) == labels[selected]).sum().double(),
+                                 selected.sum().double()])
+        distributed.all_reduce(sums)
+        self.model.train()
+        count = sums[2].clamp(min=1)
+        return {"eval/loss": (sums[0] / count).item(), "eval/accuracy": (sums[1] / count).item()}
+
+    # ---- the run ----------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to ``trainer.max_steps``; save checkpoints, the final model and the summary. Returns the summary."""
+        tcfg, acc = self.run.trainer, self.accelerator
+        self._consecutive_nonfinite = 0
+        start_wall = time.perf_counter()
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+        last_eval: dict[str, float] = {}
+        self.model.train()
+        while self.state.step < self.max_steps:
+            next_step = self.state.step + 1
+            should_log = next_step % tcfg.logging_steps == 0 or next_step in (1, self.max_steps)
+            m = self.train_step(should_log)
+            step = self.state.step
+            window_steps += 1
+            window_tokens += m.pop("train/tokens")
+            if self._consecutive_nonfinite >= tcfg.max_consecutive_nonfinite:
+                self._save(step)
+                raise NonFiniteLossError(
+                    f"{self._consecutive_nonfinite} consecutive non-finite steps (last at step {step}); stopped. "
+                    f"The last good weights are in {self.checkpointer.root}/step_{step}. Lower optimizer.lr or "
+                    "raise trainer.max_consecutive_nonfinite."
+                )
+            if should_log:
+                elapsed = time.perf_counter() - window_start
+                m.update({"train/tokens_per_sec": window_tokens / elapsed, "train/steps_per_sec": window_steps / elapsed,
+                          "train/peak_memory_mb": peak_memory_mb(acc.device),
+                          "train/nonfinite_skipped": self.state.nonfinite_skipped})
+                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                self.metrics.log(step, m)
+            if (tcfg.eval_steps and step % tcfg.eval_steps == 0) or step == self.max_steps:
+                last_eval = self.evaluate()
+                self.metrics.log(step, last_eval)
+                self.metrics.message(f"step {step}: eval loss {last_eval['eval/loss']:.4f} "
+                                     f"accuracy {last_eval['eval/accuracy']:.3f}")
+            self.metrics.advance(step, {"loss": m["train/loss"], "lr": m["train/lr"],
+                                        **({"tok/s": m["train/tokens_per_sec"]} if should_log else {})})
+            if self.checkpointer.should_save(step):
+                self._save(step)
+        if tcfg.save_final_model:
+            self.save_final_model()
+        return self._finish(time.perf_counter() - start_wall)
+
+    def _save(self, step: int) -> None:
+        self.checkpointer.save(
+            step, rank_state={"data": self.data.train.state_dict()},
+            write_config=lambda path: save_config(self.run, path),
+        )
+
+    def save_final_model(self) -> Path:
+        """``final/``: the full HF model (gathered from FSDP2 shards) and the tokenizer."""
+        final = self.output_dir / FINAL_DIR
+        state_dict = distributed.full_state_dict(self.accelerator, self.model)  # collective under FSDP2
+        if self.accelerator.is_main_process:
+            self.unwrapped.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _finish(self, wall_time: float) -> dict[str, Any]:
+        acc = self.accelerator
+        summary = build_summary(
+            read_metrics(self.output_dir / METRICS_FILE) if acc.is_main_process else [],
+            steps=self.state.step, tokens=self.state.tokens_seen, nonfinite_skipped=self.state.nonfinite_skipped,
+            wall_time_sec=round(wall_time, 2), mode=distributed.mode(acc), world_size=acc.num_processes,
+            optimizer=self.run.optimizer.name, params_m=round(self.num_params / 1e6, 3),
+            resumed_from_step=self.resumed_from_step, output_dir=str(self.output_dir),
+            config=str(self.output_dir / CONFIG_FILE),
+        )
+        if acc.is_main_process:
+            records = read_metrics(self.output_dir / METRICS_FILE)
+            write_summary(self.output_dir, summary, records)
+            self.metrics.message("\n" + summary_table(summary))
+        acc.wait_for_everyone()
+        return summary
+
+    def close(self) -> None:
+        """Flush writers, release log handlers and (when the trainer created it) end the accelerator's run."""
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        root = logging.getLogger("neobert_pt")
+        for h in self._handlers:
+            root.removeHandler(h)
+            h.close()
+        self._handlers = []
+        if self._owns_accelerator:
+            self._owns_accelerator = False
+            self.accelerator.end_training()  # tears down the process group once, on both success and failure
