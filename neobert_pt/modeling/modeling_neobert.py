@@ -225,15 +225,15 @@ def flash_attention_2(
             "attn_implementation='flash_attention_2' needs CUDA and flash-attn: pip install 'neobert_pt[flash]' "
             "(or use 'sdpa')"
         )
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    flash_attn = importlib.import_module("flash_attn")  # by name: remote-code loading must not require it
 
     p = dropout if module.training else 0.0
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, T, nH, d)
     if layout.indices is None:
-        return flash_attn_func(q, k, v, dropout_p=p, softmax_scale=scale, causal=False), None
+        return flash_attn.flash_attn_func(q, k, v, dropout_p=p, softmax_scale=scale, causal=False), None
     b, t, h, d = q.shape
     flat = [x.reshape(b * t, h, d).index_select(0, layout.indices) for x in (q, k, v)]  # (nnz, nH, d)
-    out = flash_attn_varlen_func(
+    out = flash_attn.flash_attn_varlen_func(
         *flat,
         cu_seqlens_q=layout.cu_seqlens,
         cu_seqlens_k=layout.cu_seqlens,

@@ -174,7 +174,7 @@ def test_observer_allowed_is_none_without_mask(make_config):
 
 
 def test_gradient_checkpointing_same_gradients(make_config):
-    model = NeoBERTForMaskedLM(make_config())
+    model = NeoBERTForMaskedLM(make_config()).train()
     _, batch = packed_batch(97)
     labels = batch["input_ids"].masked_fill(batch["document_ids"] < 0, -100)
     model(**batch, labels=labels).loss.backward()
