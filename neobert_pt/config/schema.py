@@ -43,6 +43,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        _require_positive(self, "model", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ConfigError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads "
@@ -73,6 +74,16 @@ class DatasetConfig:
     cache_dir: str | None = option(None, "Cache for tokenized data (null: the datasets default cache).")
     shuffle_buffer_size: int = option(10000, "Shuffle buffer for streaming datasets.")
 
+    def __post_init__(self) -> None:
+        _require_positive(self, "dataset", "max_seq_length", "shuffle_buffer_size")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"dataset.eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        if self.name in _FILE_BUILDERS and not self.data_files:
+            raise ConfigError(
+                f"dataset.name {self.name!r} reads local files: set dataset.data_files, e.g. "
+                f"--dataset.data_files '[corpus/*.{self.name}]'."
+            )
+
 
 @dataclass
 class TokenizerConfig:
@@ -96,6 +107,17 @@ class DataCollatorConfig:
     random_replace_prob: float = option(0.1, "Of the selected tokens, fraction replaced by a random token.")
     pad_to_multiple_of: int | None = option(8, "Pad unpacked batches to a multiple of this (tensor-core friendly).")
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"datacollator.mlm_probability must be in (0, 1), got {self.mlm_probability}.")
+        if min(self.mask_replace_prob, self.random_replace_prob) < 0.0 or (
+            self.mask_replace_prob + self.random_replace_prob > 1.0
+        ):
+            raise ConfigError(
+                "datacollator.mask_replace_prob + datacollator.random_replace_prob must be non-negative and at most "
+                f"1 (the rest keeps the original token), got {self.mask_replace_prob} + {self.random_replace_prob}."
+            )
+
 
 @dataclass
 class SchedulerConfig:
@@ -107,6 +129,14 @@ class SchedulerConfig:
     warmup_steps: int = option(100, "Linear warmup length in optimizer steps.")
     decay_steps: int | None = option(None, "For 'wsd': length of the final decay (null: 10% of max_steps).")
     min_lr_ratio: float = option(0.1, "Final LR as a fraction of the peak LR (cosine, linear, wsd).")
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"scheduler.warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError(f"scheduler.decay_steps must be >= 1 or null, got {self.decay_steps}.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
 
 
 @dataclass
@@ -128,8 +158,10 @@ class TrainerConfig:
     eval_max_batches: int = option(20, "Fixed eval budget: batches per process per evaluation.")
     save_steps: int | None = option(1000, "Checkpoint every N optimizer steps (always also at the final step).")
     save_total_limit: int | None = option(3, "Keep at most N checkpoints (null: keep all).")
-    resume_from_checkpoint: str | None = option(
-        None, "'latest' / true: newest complete checkpoint in output_dir (fresh start if none); a path; null / false."
+    resume_from_checkpoint: bool | str | None = option(
+        None,
+        "'latest' or true: newest complete checkpoint in output_dir (fresh start if none); a checkpoint path; "
+        "null or false: start fresh. Resolved to 'latest', a path, or null.",
     )
     max_consecutive_nonfinite: int = option(
         5, "Stop (saving the last good state) after this many consecutive non-finite losses or grad norms."
@@ -139,6 +171,25 @@ class TrainerConfig:
     activation_checkpointing: bool = option(False, "Recompute block activations in backward to save memory.")
     torch_compile: bool = option(False, "Compile the model with torch.compile.")
     save_final_model: bool = option(True, "Write the final Hugging Face model + tokenizer to output_dir/final.")
+
+    def __post_init__(self) -> None:
+        # One spelling downstream: the trainer only ever sees 'latest', a path, or None.
+        if self.resume_from_checkpoint is True:
+            self.resume_from_checkpoint = "latest"
+        elif self.resume_from_checkpoint is False or self.resume_from_checkpoint == "":
+            self.resume_from_checkpoint = None
+        _require_positive(
+            self, "trainer", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+            "gradient_accumulation_steps", "logging_steps", "eval_max_batches", "max_consecutive_nonfinite",
+        )
+        for name in ("eval_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"trainer.{name} must be >= 1 or null, got {value}.")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"trainer.max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}.")
+        if self.dataloader_num_workers < 0:
+            raise ConfigError(f"trainer.dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
 
 
 @dataclass
@@ -167,3 +218,21 @@ class RunConfig:
     scheduler: SchedulerConfig = option(SchedulerConfig, "Learning-rate schedule.")
     wandb: WandbConfig = option(WandbConfig, "Weights & Biases.")
     seed: int = option(0, "Seed for model init, data order and masking.")
+
+    def __post_init__(self) -> None:
+        if self.dataset.max_seq_length > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"dataset.max_seq_length ({self.dataset.max_seq_length}) exceeds model.max_position_embeddings "
+                f"({self.model.max_position_embeddings}); raise the latter or shorten the rows."
+            )
+
+
+_FILE_BUILDERS = ("text", "json", "parquet")
+
+
+def _require_positive(section: object, prefix: str, *names: str) -> None:
+    """Counts and sizes must be >= 1; the message names the dotted key and the value."""
+    for name in names:
+        value = getattr(section, name)
+        if value < 1:
+            raise ConfigError(f"{prefix}.{name} must be >= 1, got {value}.")

@@ -1,0 +1,68 @@
+"""YAML with YAML-1.2 scalars: ``1e-4`` is a float, only ``true``/``false`` are booleans, dates stay strings.
+
+PyYAML implements YAML 1.1, where ``lr: 1e-4`` is the STRING "1e-4" (a float needs a dot), ``yes``/``on`` are
+booleans and ``012`` is octal. The prior fork patched two keys by hand and left every other ``1e-2`` a string; this
+loader fixes the scalar rules once, for config files and for CLI override values alike.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_REPLACED = {_BOOL_TAG, _INT_TAG, _FLOAT_TAG, _TIMESTAMP_TAG}
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader whose bool/int/float resolution follows the YAML 1.2 core schema."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in _REPLACED]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+class Yaml12Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes exactly the strings :class:`Yaml12Loader` would otherwise read as non-strings."""
+
+    yaml_implicit_resolvers = Yaml12Loader.yaml_implicit_resolvers
+
+
+_FLOAT_RX = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+# Order matters: the first matching resolver wins, so "42" must be tried as int before float.
+for _cls in (Yaml12Loader, Yaml12Dumper):
+    _cls.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    _cls.add_implicit_resolver(_INT_TAG, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789"))
+    _cls.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RX, list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse a YAML document with the 1.2 scalar rules."""
+    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_value(text: str) -> Any:
+    """One CLI value: ``1e-4`` → float, ``true`` → bool, ``[0.9,0.95]`` → list, ``null`` → None, else the string.
+
+    An empty string stays an empty string, and text that is not valid YAML (``a: b: c``) is taken verbatim.
+    """
+    if text.strip() == "":
+        return text
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError:
+        return text
+
+
+def dump_yaml(data: Any) -> str:
+    """Block-style YAML in field order (not alphabetical), readable and re-loadable by :func:`parse_yaml`."""
+    return yaml.dump(data, Dumper=Yaml12Dumper, sort_keys=False, default_flow_style=None, allow_unicode=True)
