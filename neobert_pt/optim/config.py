@@ -16,7 +16,11 @@ from neobert_pt.config.fields import option
 
 @dataclass
 class MuonConfig:
-    """MuonClip: Muon on the encoder's hidden matrices + AdamW on the rest, with optional QK-clip."""
+    """MuonClip: Muon on the encoder's hidden matrices + AdamW on the rest, with optional QK-clip.
+
+    The fork's names ``muon_beta``/``muon_decay`` are ``momentum``/``weight_decay`` here. ``ns_steps`` applies only to
+    ``newton_schulz_kj``: Polar Express and NS5 are fixed 5-step schedules with per-step coefficients.
+    """
 
     momentum: float = option(0.95, "Muon momentum mu.")
     nesterov: bool = option(True, "Orthogonalise G + mu*M (Nesterov) instead of M.")
@@ -39,6 +43,27 @@ class MuonConfig:
     clipping_statistic: Literal["max", "mean"] = option(
         "max", "Per-head statistic over the batch: 'max' (Kimi K2) or 'mean' of per-sequence maxima (fork parity)."
     )
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("muon_lr", self.muon_lr is None or self.muon_lr > 0, "> 0 or null"),
+            ("adam_lr", self.adam_lr is None or self.adam_lr > 0, "> 0 or null"),
+            ("weight_decay", self.weight_decay is None or self.weight_decay >= 0, ">= 0 or null"),
+            ("ns_steps", 1 <= self.ns_steps <= 20, "in [1, 20]"),
+            ("ns_steps", self.ns_steps == 5 or self.orthogonalization == "newton_schulz_kj",
+             "5 unless orthogonalization is newton_schulz_kj (polar_express and newton_schulz are fixed 5-step)"),
+            ("clipping_threshold", self.clipping_threshold > 0, "> 0"),
+            ("clipping_alpha", 0 <= self.clipping_alpha <= 1, "in [0, 1]"),
+            ("clipping_interval", self.clipping_interval >= 1, ">= 1"),
+            ("clipping_warmup_steps", self.clipping_warmup_steps >= 0, ">= 0"),
+        )
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(
+                    f"optimizer.muon_config.{key}={getattr(self, key)!r} is invalid: must be {allowed}; "
+                    f"set --optimizer.muon_config.{key} to a valid value."
+                )
 
 
 @dataclass

@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from neobert_pt.config.errors import ConfigError
 from neobert_pt.optim.orthogonalize import METHODS, orthogonalize
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
 
@@ -270,17 +269,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def _muon_settings(ctx: OptimizerContext) -> dict[str, Any]:
-    """Validate ``optimizer.muon_config`` and return the Muon group settings."""
+    """Muon group settings from ``optimizer.muon_config`` (validated by ``MuonConfig.__post_init__``)."""
     mc = ctx.config.muon_config
-    if mc.ns_steps != 5 and mc.orthogonalization != "newton_schulz_kj":
-        raise ConfigError(
-            f"optimizer.muon_config.ns_steps={mc.ns_steps} only applies to orthogonalization=newton_schulz_kj; "
-            f"{mc.orthogonalization} is a fixed 5-step schedule (set ns_steps: 5 or switch orthogonalization)"
-        )
-    if mc.ns_steps < 1:
-        raise ConfigError("optimizer.muon_config.ns_steps must be >= 1")
-    if not 0 <= mc.momentum < 1:
-        raise ConfigError(f"optimizer.muon_config.momentum must be in [0, 1), got {mc.momentum}")
     return dict(
         algorithm="muon",
         lr=mc.muon_lr if mc.muon_lr is not None else ctx.peak_lr,
