@@ -3,6 +3,7 @@
 from neobert_pt.optim.config import DanaConfig, Dion2Config, MuonConfig, OptimizerConfig
 from neobert_pt.optim.dana import ADana, AdamWDecayingWD, DanaStar
 from neobert_pt.optim.dion2 import Dion2
+from neobert_pt.optim.lr_rule import resolve_lr, suggest_peak_lr
 from neobert_pt.optim.muon import Muon
 from neobert_pt.optim.orthogonalize import orthogonalize
 from neobert_pt.optim.registry import (
@@ -29,4 +30,6 @@ __all__ = [
     "build_optimizer",
     "orthogonalize",
     "register",
+    "resolve_lr",
+    "suggest_peak_lr",
 ]
