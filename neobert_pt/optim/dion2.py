@@ -18,10 +18,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from neobert_pt.config.errors import ConfigError
 from neobert_pt.optim import dion2_distributed as _dist
 from neobert_pt.optim.orthogonalize import orthogonalize
+from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
 
 ALGORITHMS = ("dion2", "adamw", "lion")
 ADJUST_LR_MODES = ("spectral_norm", "rms_norm", None)
@@ -262,4 +265,97 @@ class Dion2(torch.optim.Optimizer):
             w.addcdiv_(m * (-lr / bias1), denom)
 
 
-__all__ = ["Dion2", "adjusted_lr", "num_selected"]
+
+
+UPSTREAM_INSTALL = "pip install 'git+https://github.com/microsoft/dion.git'"
+
+
+def _dion2_class(implementation: str) -> type[torch.optim.Optimizer]:
+    """The native class, or upstream ``dion.Dion2`` (optional; installs from GitHub only)."""
+    if implementation == "native":
+        return Dion2
+    try:
+        from dion import Dion2 as UpstreamDion2
+    except ImportError as err:
+        raise ImportError(
+            f"optimizer.dion2_config.implementation=upstream needs Microsoft's dion package: {UPSTREAM_INSTALL} "
+            "(or use implementation: native, which reproduces it)"
+        ) from err
+    return UpstreamDion2
+
+
+def _check_config(ctx: OptimizerContext) -> None:
+    dc = ctx.config.dion2_config
+    if not 0 < dc.fraction <= 1:
+        raise ConfigError(f"optimizer.dion2_config.fraction={dc.fraction} must be in (0, 1]")
+    if dc.ef_decay < 0:
+        raise ConfigError(f"optimizer.dion2_config.ef_decay={dc.ef_decay} must be >= 0")
+    if dc.ns_steps != 5:
+        raise ConfigError(
+            f"optimizer.dion2_config.ns_steps={dc.ns_steps}: {dc.orthogonalization} is a fixed 5-step schedule "
+            "in Dion2 (set ns_steps: 5)"
+        )
+
+
+@register("dion2")
+def build_dion2(ctx: OptimizerContext) -> BuiltOptimizer:
+    """Dion2 on the block matrices (fused QKV as 3 row blocks), AdamW/Lion without decay on embeddings (= tied LM
+    head), norms, biases and heads; QK-clip after each step when ``enable_clipping``."""
+    _check_config(ctx)
+    cfg, dc = ctx.config, ctx.config.dion2_config
+    matrix_lr = dc.matrix_lr if dc.matrix_lr is not None else ctx.peak_lr / math.sqrt(dc.fraction)
+    adjust_lr = None if dc.adjust_lr == "none" else dc.adjust_lr
+    native = dc.implementation == "native"
+    groups, log_lines = [], []
+    for spec in ctx.param_groups:
+        if spec.kind == "matrix":
+            group = {"params": spec.params, "algorithm": "dion2", "lr": matrix_lr, "weight_decay": cfg.weight_decay}
+            if native:
+                group.update(name=spec.name, split_rows=spec.split_rows)
+            groups.append(group)
+            log_lines.append(
+                f"dion2 group {spec.name}: dion2 lr={matrix_lr:g} wd={cfg.weight_decay:g} fraction={dc.fraction:g} "
+                f"ef_decay={dc.ef_decay:g} adjust_lr={dc.adjust_lr} {dc.orthogonalization} "
+                f"split_rows={spec.split_rows if native else 1}"
+            )
+        else:
+            group = {"params": spec.params, "algorithm": dc.scalar_algorithm, "lr": ctx.peak_lr, "weight_decay": 0.0}
+            if native:
+                group["name"] = spec.name
+            groups.append(group)
+            log_lines.append(f"dion2 group {spec.name}: {dc.scalar_algorithm} lr={ctx.peak_lr:g} wd=0")
+    optimizer = _dion2_class(dc.implementation)(
+        groups,
+        distributed_mesh=ctx.distributed_mesh,
+        lr=matrix_lr,
+        fraction=dc.fraction,
+        ef_decay=dc.ef_decay,
+        betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
+        epsilon=cfg.eps,
+        adjust_lr=adjust_lr,
+        use_polar_express=dc.orthogonalization == "polar_express",
+        selection_scope=dc.selection_scope,
+    )
+    qk_clip = None
+    if dc.enable_clipping:
+        from neobert_pt.optim.qk_clip import QKClip  # lazy: the optimizer works without the clip component
+
+        mesh = ctx.distributed_mesh
+        qk_clip = QKClip(
+            ctx.model,
+            threshold=dc.clipping_threshold,
+            alpha=dc.clipping_alpha,
+            interval=dc.clipping_interval,
+            warmup_steps=dc.clipping_warmup_steps,
+            statistic=dc.clipping_statistic,
+            process_group=mesh.get_group() if isinstance(mesh, DeviceMesh) else mesh,
+        )
+        log_lines.append(
+            f"dion2 qk-clip: tau={dc.clipping_threshold:g} alpha={dc.clipping_alpha:g} "
+            f"interval={dc.clipping_interval} warmup={dc.clipping_warmup_steps} statistic={dc.clipping_statistic}"
+        )
+    return BuiltOptimizer(optimizer=optimizer, qk_clip=qk_clip, log_lines=log_lines)
+
+
+__all__ = ["Dion2", "adjusted_lr", "build_dion2", "num_selected"]
