@@ -73,7 +73,9 @@ class Dion2Config:
     fraction: float = option(0.25, "Fraction of rows (or columns) selected and orthogonalised per step.")
     ef_decay: float = option(0.95, "Error-feedback decay applied to the selected slices.")
     adjust_lr: Literal["spectral_norm", "rms_norm", "none"] = option(
-        "spectral_norm", "Shape-dependent LR scale from the full matrix shape."
+        "rms_norm", "Shape-dependent LR scale from the full matrix shape: 'rms_norm' = 0.2*sqrt(max(m,n)) (Moonlight: "
+        "update RMS 0.2*lr on the selected rows), 'spectral_norm' = sqrt(m/n) (upstream default; 10-15x smaller "
+        "steps than AdamW at hidden 768), 'none'."
     )
     orthogonalization: Literal["polar_express", "newton_schulz"] = option(
         "polar_express", "Orthogonaliser of the selected submatrix (Polar Express 5 steps, or quintic NS5)."
@@ -83,7 +85,10 @@ class Dion2Config:
         "local", "Under FSDP2: select rows per shard ('local') or over the full matrix ('global')."
     )
     scalar_algorithm: Literal["adamw", "lion"] = option("adamw", "Algorithm for embeddings, norms and biases.")
-    matrix_lr: float | None = option(None, "Peak LR of the Dion2 (matrix) group; null: optimizer.lr.")
+    matrix_lr: float | None = option(
+        None, "Peak LR of the Dion2 (matrix) group; null: optimizer.lr / sqrt(fraction), which with adjust_lr "
+        "'rms_norm' gives a whole-matrix update RMS equal to AdamW's at optimizer.lr (docs/optimizers.md)."
+    )
     implementation: Literal["native", "upstream"] = option(
         "native", "'upstream' uses Microsoft's dion.Dion2 when it is installed."
     )
