@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+import datasets
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -57,11 +62,17 @@ def _wrap(tok: Tokenizer, max_len: int) -> PreTrainedTokenizerFast:
 
 
 def _train_wordpiece(run: RunConfig) -> Tokenizer:
-    """Train a WordPiece vocab on the training documents (deterministic: same corpus and settings, same vocab).
+    """Train a WordPiece vocab on the training documents, or reuse the one trained before on the same inputs.
 
-    Special tokens come first, so [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
+    The ``tokenizers`` trainer breaks frequency ties in hash-map order, so two trainings on the same text give
+    slightly different vocabularies. The first result is therefore cached (keyed by the data and settings) and
+    reused, which keeps ids stable across restarts and resumes on this machine. Special tokens come first:
+    [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
     """
-    from neobert_pt.data.sources import iter_training_texts  # local: sources imports this module's error type only
+    path = trained_tokenizer_path(run)
+    if path.exists():
+        return Tokenizer.from_file(str(path))
+    from neobert_pt.data.sources import iter_training_texts  # local import: sources is the heavier module
 
     tok = _wordpiece_tokenizer(models.WordPiece(unk_token="[UNK]"), run.tokenizer.lowercase)
     trainer = trainers.WordPieceTrainer(
@@ -73,7 +84,29 @@ def _train_wordpiece(run: RunConfig) -> Tokenizer:
     texts: Iterator[str] = iter_training_texts(run)
     tok.train_from_iterator(texts, trainer=trainer)
     _set_post_processor(tok)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tok.save(str(tmp))
+    os.replace(tmp, path)  # atomic: a concurrent reader sees no file or the whole file
     return tok
+
+
+def trained_tokenizer_path(run: RunConfig) -> Path:
+    """Cache file of the tokenizer trained for this run's data and tokenizer settings."""
+    from neobert_pt.data.sources import EMBEDDED_CORPUS
+
+    ds = run.dataset
+    files = sorted(f for pattern in ds.data_files or [] for f in glob.glob(os.path.expanduser(pattern)))
+    if ds.name == "embedded":
+        files = [str(EMBEDDED_CORPUS)]
+    key = {
+        "name": ds.name, "config_name": ds.config_name, "split": ds.split, "text_column": ds.text_column,
+        "max_documents": ds.max_documents, "vocab_size": run.tokenizer.vocab_size,
+        "lowercase": run.tokenizer.lowercase, "files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(ds.cache_dir) if ds.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    return root / "neobert_pt_tokenizers" / digest / "tokenizer.json"
 
 
 def _from_pretrained(name: str, max_len: int) -> PreTrainedTokenizerFast:
