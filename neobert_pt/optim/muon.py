@@ -87,9 +87,18 @@ class Muon(torch.optim.Optimizer):
         distributed_mesh: Any = None,
     ) -> None:
         defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
-            adjust_lr=adjust_lr, orthogonalization=orthogonalization, ns_steps=ns_steps, split_rows=split_rows,
-            algorithm="muon", step=0,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            betas=tuple(betas),
+            eps=eps,
+            adjust_lr=adjust_lr,
+            orthogonalization=orthogonalization,
+            ns_steps=ns_steps,
+            split_rows=split_rows,
+            algorithm="muon",
+            step=0,
         )
         super().__init__(params, defaults)
         self._group, self._mesh = self._resolve_mesh(distributed_mesh)
@@ -107,7 +116,9 @@ class Muon(torch.optim.Optimizer):
 
         if isinstance(mesh, DeviceMesh):
             if mesh.ndim != 1:
-                raise ValueError(f"Muon needs a 1-D DeviceMesh (pass the shard sub-mesh for HSDP), got ndim={mesh.ndim}")
+                raise ValueError(
+                    f"Muon needs a 1-D DeviceMesh (pass the shard sub-mesh for HSDP), got ndim={mesh.ndim}"
+                )
             return mesh.get_group(), mesh
         if isinstance(mesh, dist.ProcessGroup):
             return mesh, None
@@ -207,7 +218,7 @@ class Muon(torch.optim.Optimizer):
             else:
                 u = m
             s = group["split_rows"]
-            for p, u_i in zip(params, u):
+            for p, u_i in zip(params, u, strict=True):
                 full = self._gather_full(p, u_i.bfloat16())
                 items.append((p, group, full.view(s, p.shape[0] // s, p.shape[1])))
         # 2. orthogonalise every same-shape block together (one batched call per bucket).
@@ -220,10 +231,10 @@ class Muon(torch.optim.Optimizer):
         for (_, method, steps, eps), idx in buckets.items():
             stacked = torch.cat([items[i][2] for i in idx]) if len(idx) > 1 else items[idx[0]][2]
             ortho = self._orthogonalize_split(stacked, method, steps, eps)
-            for i, part in zip(idx, ortho.split([items[i][2].shape[0] for i in idx])):
+            for i, part in zip(idx, ortho.split([items[i][2].shape[0] for i in idx]), strict=True):
                 outputs[i] = part
         # 3. decoupled weight decay then the scaled update, on this rank's rows.
-        for (p, group, x), o in zip(items, outputs):
+        for (p, group, x), o in zip(items, outputs, strict=True):
             lr32 = _f32(group["lr"])
             decay = float(1 - lr32 * group["weight_decay"])
             scale = float(lr32 * adjusted_lr_factor(group["adjust_lr"], tuple(x.shape[1:])))
@@ -300,8 +311,9 @@ def build_muonclip(ctx: OptimizerContext) -> BuiltOptimizer:
                 f"adjust_lr={muon['adjust_lr']} split_rows={spec.split_rows}"
             )
         else:
-            groups.append({"params": spec.params, "name": spec.name, "algorithm": "adamw", "lr": adam_lr,
-                           "weight_decay": 0.0})
+            groups.append(
+                {"params": spec.params, "name": spec.name, "algorithm": "adamw", "lr": adam_lr, "weight_decay": 0.0}
+            )
             log_lines.append(f"muonclip group {spec.name}: adamw lr={adam_lr:g} wd=0 betas={tuple(cfg.betas)}")
     optimizer = Muon(groups, betas=tuple(cfg.betas), eps=cfg.eps, distributed_mesh=ctx.distributed_mesh)
     qk_clip = None

@@ -44,7 +44,7 @@ def _run(wrap=lambda t: t, mesh=None) -> list[torch.Tensor]:
     params = [nn.Parameter(wrap(t)) for t in tensors]
     opt = Muon([{**g, "params": [params[i] for i in g["params"]]} for g in groups], lr=0.02, distributed_mesh=mesh)
     for step in range(STEPS):
-        for p, g in zip(params, _grads(step)):
+        for p, g in zip(params, _grads(step), strict=True):
             p.grad = wrap(g)
         opt.step()
     return [p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in params]
@@ -73,8 +73,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.timeout(TIMEOUT_S + 30)
 def test_two_process_ddp_and_fsdp2_match_single_process(tmp_path) -> None:
-    ctx = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
@@ -84,8 +85,11 @@ def test_two_process_ddp_and_fsdp2_match_single_process(tmp_path) -> None:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-        logs = "\n".join(f"--- rank {r} ---\n" + (tmp_path / f"rank{r}.log").read_text() for r in range(WORLD)
-                         if (tmp_path / f"rank{r}.log").exists())
+        logs = "\n".join(
+            f"--- rank {r} ---\n" + (tmp_path / f"rank{r}.log").read_text()
+            for r in range(WORLD)
+            if (tmp_path / f"rank{r}.log").exists()
+        )
         pytest.fail(f"distributed Muon run failed:\n{logs}")
     torch.set_num_threads(1)
     reference = _run()

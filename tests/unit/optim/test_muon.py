@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import copy
 import io
 import json
 import math
@@ -21,14 +20,10 @@ VECTORS = ("0.bias", "1.bias")
 
 
 @pytest.fixture(scope="module")
-def fixture(assets_dir_module) -> dict:
-    with open(os.path.join(assets_dir_module, "specs", "dion2_cpu_reference.json")) as f:
+def fixture() -> dict:
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "specs", "dion2_cpu_reference.json")
+    with open(path) as f:
         return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def assets_dir_module() -> str:
-    return os.path.join(os.path.dirname(__file__), "..", "..", "assets")
 
 
 def decode(entry: dict) -> torch.Tensor:
@@ -38,8 +33,12 @@ def decode(entry: dict) -> torch.Tensor:
 
 def _fixture_optimizer(params: dict[str, nn.Parameter], kwargs: dict) -> Muon:
     """The fixture's setup in our vocabulary: upstream ``mu`` is ``momentum``, ``use_polar_express=False`` is NS5."""
-    ours = dict(lr=kwargs["lr"], momentum=kwargs["mu"], weight_decay=kwargs["weight_decay"],
-                nesterov=kwargs.get("nesterov", False))
+    ours = dict(
+        lr=kwargs["lr"],
+        momentum=kwargs["mu"],
+        weight_decay=kwargs["weight_decay"],
+        nesterov=kwargs.get("nesterov", False),
+    )
     if kwargs.get("use_polar_express", True) is False:
         ours["orthogonalization"] = "newton_schulz"
     groups = [{"params": [params[n] for n in MATRICES]}, {"params": [params[n] for n in VECTORS], "algorithm": "adamw"}]
@@ -121,7 +120,7 @@ def test_fused_qkv_blocks_are_orthogonalised_separately() -> None:
     for _ in range(2):
         g = torch.randn(3 * h, h)
         fused.grad = g
-        for part, gb in zip(parts, g.split(h)):
+        for part, gb in zip(parts, g.split(h), strict=True):
             part.grad = gb.clone()
         w0 = fused.detach().clone()
         opt_fused.step()
@@ -130,7 +129,7 @@ def test_fused_qkv_blocks_are_orthogonalised_separately() -> None:
     # Each Q/K/V block of the update is ~orthogonal at the (H, H) scale; the stacked matrix is not (its singular
     # values are ~sqrt(3) times larger), so the projections were not orthogonalised jointly.
     scale = 0.01 * 0.2 * math.sqrt(h)
-    update = ((w0 * (1 - 0.01 * 0.1) - fused.detach()) / scale)
+    update = (w0 * (1 - 0.01 * 0.1) - fused.detach()) / scale
     for block in update.split(h):
         assert torch.linalg.svdvals(block).max() <= 1.2
     assert torch.linalg.svdvals(update).min() >= 1.3
@@ -177,7 +176,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
     saved = torch.load(buf)
     params2, groups2 = _toy_problem()
     with torch.no_grad():
-        for p, v in zip(params2, saved["params"]):
+        for p, v in zip(params2, saved["params"], strict=True):
             p.copy_(v)
     opt2 = Muon(groups2, lr=0.02)
     opt2.load_state_dict(saved["opt"])
@@ -185,7 +184,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
     for s in range(2, 4):
         _grads(params2, s)
         opt2.step()
-    for a, b in zip(params, params2):
+    for a, b in zip(params, params2, strict=True):
         assert torch.equal(a, b)
 
 
@@ -203,7 +202,7 @@ def test_deterministic_and_scalar_group_is_plain_adamw() -> None:
             adamw.step()
         assert torch.allclose(params[-1], ref, atol=1e-7, rtol=0)
         runs.append([p.detach().clone() for p in params])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 def test_invalid_groups_raise() -> None:
@@ -223,16 +222,27 @@ def _tiny_mlm() -> nn.Module:
     from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
 
     torch.manual_seed(4)
-    cfg = NeoBERTConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, masked_logits_only=False)
+    cfg = NeoBERTConfig(
+        vocab_size=61,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        masked_logits_only=False,
+    )
     return NeoBERTForMaskedLM(cfg)
 
 
 def _build(model: nn.Module, **muon_config):
     from neobert_pt.optim import MuonConfig, OptimizerConfig, OptimizerContext, build_optimizer
 
-    cfg = OptimizerConfig(name="muonclip", lr=1e-3, betas=[0.9, 0.98], weight_decay=0.1,
-                          muon_config=MuonConfig(**{"enable_clipping": False, **muon_config}))
+    cfg = OptimizerConfig(
+        name="muonclip",
+        lr=1e-3,
+        betas=[0.9, 0.98],
+        weight_decay=0.1,
+        muon_config=MuonConfig(**{"enable_clipping": False, **muon_config}),
+    )
     return build_optimizer(OptimizerContext(model=model, config=cfg, max_steps=10))
 
 
