@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
-
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
