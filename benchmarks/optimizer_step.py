@@ -1,0 +1,127 @@
+"""Milliseconds per ``optimizer.step()`` (and per QK-clip pass) for every optimizer, across model widths.
+
+Same model, same gradients, same process: each optimizer is built through the registry exactly as the trainer
+builds it, stepped ``--warmup`` times untimed, then ``--repeats`` times timed; the median is reported with its ratio
+to AdamW at the same width. The QK-clip pass (post-update replay of the captured batch + row scaling) is timed
+separately on a clip step.
+
+    python benchmarks/optimizer_step.py                         # widths 256..2048 on the default device
+    python benchmarks/optimizer_step.py --widths 768 --layers 12 --vocab-size 30522   # the 100M recipe
+    python benchmarks/optimizer_step.py --smoke                 # seconds-long structure check (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.common import device_name, emit, median_ms, pick_device, synchronize  # noqa: E402
+from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM  # noqa: E402
+from neobert_pt.optim import OptimizerConfig, OptimizerContext, build_optimizer  # noqa: E402
+
+# (label, optimizer.name, config tweaks)
+VARIANTS: list[tuple[str, str, dict]] = [
+    ("adamw", "adamw", {}),
+    ("adamw-decaying-wd", "adamw-decaying-wd", {}),
+    ("adana", "adana", {}),
+    ("dana-mk4", "dana-mk4", {}),
+    ("dana-star", "dana-star", {}),
+    ("dana-star-mk4", "dana-star-mk4", {}),
+    ("muonclip", "muonclip", {"muon_config": {"enable_clipping": True, "clipping_interval": 1}}),
+    ("dion2", "dion2", {}),
+    ("dion2_qk", "dion2", {"dion2_config": {"enable_clipping": True, "clipping_interval": 1}}),
+]
+
+
+def build_model(width: int, layers: int, vocab: int, device: torch.device) -> NeoBERTForMaskedLM:
+    heads = max(1, width // 64)
+    config = NeoBERTConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                           intermediate_size=4 * width, vocab_size=vocab, max_position_embeddings=512)
+    return NeoBERTForMaskedLM(config).to(device)
+
+
+def optimizer_config(name: str, tweaks: dict) -> OptimizerConfig:
+    cfg = OptimizerConfig(name=name, lr=1e-3)
+    for block, values in tweaks.items():
+        setattr(cfg, block, dataclasses.replace(getattr(cfg, block), **values))
+    return cfg
+
+
+def measure(width: int, args, device: torch.device, names: list[str]) -> list[dict]:
+    torch.manual_seed(0)
+    model = build_model(width, args.layers, args.vocab_size, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    batch = {
+        "input_ids": torch.randint(5, args.vocab_size, (args.batch, args.seq_len), device=device),
+        "attention_mask": torch.ones(args.batch, args.seq_len, dtype=torch.long, device=device),
+    }
+    n_params = sum(p.numel() for p in params)
+    rows = []
+    for label, name, tweaks in VARIANTS:
+        if label not in names:
+            continue
+        built = build_optimizer(OptimizerContext(model=model, config=optimizer_config(name, tweaks), max_steps=10_000))
+        opt = built.optimizer
+
+        def step(opt=opt):
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+
+        step_ms = median_ms(step, device=device, repeats=args.repeats, warmup=args.warmup)
+        row = {"width": width, "optimizer": label, "params_M": n_params / 1e6, "step_ms": step_ms}
+        if built.qk_clip is not None:
+            clip, times = built.qk_clip, []
+            for i in range(args.warmup + args.repeats):
+                assert clip.wants_observation(i + 1, logging=True)
+                with torch.no_grad(), clip.observing(True):
+                    model(**batch)
+                synchronize(device)
+                start = time.perf_counter()
+                clip.after_step(i + 1)
+                synchronize(device)
+                if i >= args.warmup:
+                    times.append((time.perf_counter() - start) * 1e3)
+            row["qk_clip_ms"] = sorted(times)[len(times) // 2]
+        rows.append(row)
+        del built, opt
+    base = next(r["step_ms"] for r in rows if r["optimizer"] == "adamw") if "adamw" in names else None
+    for r in rows:
+        r["ratio_vs_adamw"] = r["step_ms"] / base if base else None
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=30522)
+    p.add_argument("--batch", type=int, default=4, help="rows captured for the QK-clip pass")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--optimizers", nargs="+", default=[v[0] for v in VARIANTS])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat: checks the output structure only")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.widths, args.layers, args.vocab_size, args.repeats, args.warmup = [64], 1, 256, 1, 1
+        args.batch, args.seq_len = 2, 16
+    device = pick_device(args.device)
+    rows = [r for w in args.widths for r in measure(w, args, device, args.optimizers)]
+    meta = {"device": device_name(device), "torch": torch.__version__, "layers": args.layers,
+            "vocab_size": args.vocab_size, "repeats": args.repeats}
+    return emit("optimizer_step", meta, rows,
+                ["width", "params_M", "optimizer", "step_ms", "ratio_vs_adamw", "qk_clip_ms"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The benchmark scripts run end to end in smoke mode and print the JSON + Markdown they promise (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    payload = json.loads(text[: text.index("\n}\n") + 2])  # the JSON document comes first
+    assert "### " in text and "|---|" in text  # then the Markdown table
+    return payload
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, float) and 0 < x < float("inf")
+
+
+def test_optimizer_step_reports_every_optimizer_with_ratio():
+    payload = _run("optimizer_step.py")
+    rows = {r["optimizer"]: r for r in payload["results"]}
+    assert set(rows) == {"adamw", "adamw-decaying-wd", "adana", "dana-mk4", "dana-star", "dana-star-mk4",
+                         "muonclip", "dion2", "dion2_qk"}
+    assert rows["adamw"]["ratio_vs_adamw"] == 1.0
+    assert all(_finite_positive(r["step_ms"]) and _finite_positive(r["ratio_vs_adamw"]) for r in rows.values())
+    assert _finite_positive(rows["dion2_qk"]["qk_clip_ms"]) and "qk_clip_ms" not in rows["dion2"]
+
+
+def test_model_throughput_compares_neobert_with_transformers_peers():
+    payload = _run("model_throughput.py")
+    measured = [r for r in payload["results"] if "tokens_per_sec" in r]
+    kinds = {(r["model"], r["attention"], r["packed"]) for r in measured}
+    assert {("neobert", "sdpa", False), ("neobert", "sdpa", True), ("bert", "sdpa", False)} <= kinds
+    assert all(_finite_positive(r["tokens_per_sec"]) and _finite_positive(r["ratio_vs_bert"]) for r in measured)
+
+
+@pytest.mark.slow
+def test_train_throughput_runs_the_real_trainer_per_optimizer():
+    payload = _run("train_throughput.py", "--optimizers", "adamw", "dion2_qk")
+    rows = {r["optimizer"]: r for r in payload["results"]}
+    assert set(rows) == {"adamw", "dion2_qk"}, payload
+    assert all(_finite_positive(r["tokens_per_sec"]) and r["steps_measured"] >= 1 for r in rows.values()), rows
+    assert rows["adamw"]["ratio_vs_adamw"] == 1.0
