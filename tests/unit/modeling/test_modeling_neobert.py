@@ -62,9 +62,7 @@ def test_layout_fast_path_and_mask():
     assert combine_document_ids((2, 4), torch.device("cpu"), None, None) is None
     doc = torch.tensor([[0, 0, 1, -1]])
     layout = build_layout(doc, "sdpa", with_allowed=True)
-    expected_allowed = torch.tensor(
-        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool
-    )
+    expected_allowed = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(layout.allowed[0, 0], expected_allowed)
     # the kernel mask only differs by letting the padding query see itself (no empty softmax row)
     kernel = expected_allowed.clone()
@@ -154,7 +152,9 @@ def test_qk_observer_sees_rotated_unscaled_qk(make_config):
     logits = (q @ k.transpose(-1, -2)) / math.sqrt(8)
     probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
     real = doc >= 0
-    torch.testing.assert_close(probs[real[:, None].expand(-1, 4, -1)], out.attentions[0][real[:, None].expand(-1, 4, -1)])
+    torch.testing.assert_close(
+        probs[real[:, None].expand(-1, 4, -1)], out.attentions[0][real[:, None].expand(-1, 4, -1)]
+    )
 
     for layer in model.model.layers:
         layer.attention.qk_observer = None

@@ -95,9 +95,18 @@ def test_fresh_process_loads_with_trust_remote_code(make_config, tmp_path):
     torch.save(batch, tmp_path / "batch.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "model"), str(tmp_path / "batch.pt"),
-         str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS,
+            str(tmp_path / "model"),
+            str(tmp_path / "batch.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "transformers_modules" in result.stdout  # really the copied remote code
