@@ -222,7 +222,7 @@ class _LogTimeOptimizer(torch.optim.Optimizer):
         grads = [_local(g).to(dtype) for _, g, _ in entries]
         state = {name: [_local(s[name]) for _, _, s in entries] for name in self._state_names}
         self._update(group, work, grads, state, t, lr, f)
-        for dst, src in zip(locals_p, work):
+        for dst, src in zip(locals_p, work, strict=True):
             if dst is not src:
                 dst.copy_(src)
 
@@ -231,7 +231,7 @@ class _LogTimeOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
+        for saved_id, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(saved_id)
             if not saved:
                 continue

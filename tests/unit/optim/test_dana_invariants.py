@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from neobert_pt.optim import ADana, AdamWDecayingWD, DanaStar
+from neobert_pt.optim import AdamWDecayingWD, ADana, DanaStar
 
 F64 = torch.float64
 DANA = {"adana": (ADana, None), "dana-mk4": (ADana, 0.3), "dana-star": (DanaStar, None), "dana-star-mk4": (DanaStar, 0.3)}
@@ -306,7 +306,7 @@ def test_shard_locality_chunks_give_identical_updates(variant):
     chunks = [torch.nn.Parameter(c.clone()) for c in theta0.split([1, 3, 2])]
     opt = make(variant, chunks, foreach=True)
     for g in grads:
-        for c, gc in zip(chunks, g.split([1, 3, 2])):
+        for c, gc in zip(chunks, g.split([1, 3, 2]), strict=True):
             c.grad = gc.clone()
         opt.step()
     assert torch.equal(torch.cat([c.detach() for c in chunks]), whole)

@@ -7,8 +7,15 @@ import torch
 
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
-from neobert_pt.optim import ADana, AdamWDecayingWD, DanaConfig, DanaStar, OptimizerConfig, OptimizerContext
-from neobert_pt.optim import build_optimizer
+from neobert_pt.optim import (
+    AdamWDecayingWD,
+    ADana,
+    DanaConfig,
+    DanaStar,
+    OptimizerConfig,
+    OptimizerContext,
+    build_optimizer,
+)
 
 EXPECTED = {
     "adana": (ADana, None),
