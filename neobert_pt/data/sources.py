@@ -32,6 +32,9 @@ def load_documents(run: RunConfig, split: str, *, streaming: bool | None = None)
     cfg = run.dataset
     streaming = cfg.streaming if streaming is None else streaming
     name = cfg.name
+    if name in LOCAL_BUILDERS + ("embedded",) and split != "train":
+        raise DataError(f"split '{split}' (dataset.split / dataset.eval_split): '{name}' data has only a "
+                        "'train' split; set dataset.eval_split null to hold out dataset.eval_fraction of the documents instead.")
     try:
         if name == "embedded":
             ds = datasets.load_dataset("json", data_files=str(EMBEDDED_CORPUS), split="train", streaming=streaming,
@@ -46,9 +49,6 @@ def load_documents(run: RunConfig, split: str, *, streaming: bool | None = None)
         raise
     except (ConnectionError, FileNotFoundError, ValueError) as err:
         raise DataError(_load_failure(name, cfg.config_name, split, err)) from err
-    if name in LOCAL_BUILDERS + ("embedded",) and split != "train":
-        raise DataError(f"dataset.eval_split '{split}': '{name}' data has only a 'train' split; set "
-                        "dataset.eval_split null to hold out dataset.eval_fraction of the documents instead.")
     return _text_only(ds, cfg.text_column, name, cfg.max_documents)
 
 

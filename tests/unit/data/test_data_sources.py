@@ -109,3 +109,18 @@ def test_unreachable_hub_dataset_says_offline(run, tokenizer, monkeypatch):
     with pytest.raises(DataError) as info:
         build_data(run, tokenizer, rank=0, world_size=1)
     assert "'neobert-pt-tests/no-such-dataset'" in str(info.value) and "offline" in str(info.value)
+
+
+def test_unpacked_rows_hold_one_document_each(run, tokenizer, tmp_path):
+    run.dataset.name, run.dataset.data_files = "text", [_write(tmp_path, "text")]
+    run.dataset.packing = False
+    run.dataset.eval_fraction = 0.0
+    bundle = build_data(run, tokenizer, rank=0, world_size=1)
+    lengths = [len(tokenizer(t)["input_ids"]) for t in TEXTS]
+    assert bundle.num_train_rows == sum(-(-n // 64) for n in lengths) and bundle.num_eval_rows == 0
+    batch = next(bundle.train)
+    assert batch["document_ids"].max() == 0 and batch["input_ids"].shape[1] % 8 == 0
+    assert list(bundle.eval_batches()) == []
+    run.dataset.eval_split = "validation"
+    with pytest.raises(DataError, match="only a 'train' split"):
+        build_data(run, tokenizer, rank=0, world_size=1)
