@@ -6,14 +6,16 @@ output projections and optimizer state are never touched, and heads with ``s_h �
 
 Decisions (evidence in docs/qk_clip.md):
 
-* **Statistic measured after the update, by recomputation.** On clip steps the inputs of every attention module are
-  captured during the step's forward passes (all micro-batches); ``after_step`` replays each attention with the
-  *updated* weights up to its ``qk_observer`` call (q, k after RoPE, exactly as the model computes them) and stops
-  there, so the cost is one QKV projection plus a query-chunked T×T logit max per layer and micro-batch. This makes
-  the Kimi guarantee exact: after the clip, the max logit on that batch is ≤ τ. Logging-only steps measure the
-  cheaper forward-pass statistic (pre-update weights) instead.
-* **Reduced across ranks before any weight moves.** One ``all_reduce(MAX)`` (plus ``SUM`` of row maxima and row
-  counts for ``statistic="mean"``) gives every rank the same factors, so DDP replicas stay bit-identical and FSDP2
+* **Statistic measured after the update, by a layer-by-layer replay.** On clip steps the token ids (or the first
+  layer's input) of every micro-batch are captured during the step's forward passes; ``after_step`` re-embeds them
+  with the *updated* weights and replays the layers in order: layer l's q, k (after RoPE, exactly as the model
+  computes them; the measuring pass stops inside ``qk_observer``) are measured on the output of the already-clipped
+  layers < l, layer l is clipped, and its output feeds layer l+1. So a forward pass on that batch after the step has
+  every head's max logit ≤ τ (eval mode). Cost per clip step: one no-grad encoder forward over the step's batch plus
+  one extra QKV projection and a query-chunked T×T logit max per layer. Logging-only steps measure the cheaper
+  forward-pass statistic (pre-update weights) instead.
+* **Reduced across ranks before any weight moves.** Per layer, one ``all_reduce(MAX)`` (plus a ``SUM`` of row
+  maxima and row counts for ``statistic="mean"``) gives every rank the same factors, so DDP replicas stay bit-identical and FSDP2
   ranks scale their own ``Shard(0)`` rows with the global row→head map (heads straddling shards included).
 * **Rank-symmetric collectives.** Whether ``after_step`` communicates depends only on ``(step, logging)``, never on
   what a rank captured; steps that did not observe issue no collective at all.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +147,9 @@ class QKClip:
         self.statistic = statistic
         self.chunk_elements = int(chunk_elements)
         self.layers, self.attentions = _find_attention_layers(model)
+        get_embeddings = getattr(model, "get_input_embeddings", None)
+        embedding = get_embeddings() if callable(get_embeddings) else None
+        self.embedding = embedding if isinstance(embedding, nn.Module) else None
         self._layer_of = {m: i for i, m in enumerate(self.attentions)}
         config = getattr(model, "config", None)
         first = self.attentions[0]
@@ -158,7 +163,10 @@ class QKClip:
                 )
         self._group = _resolve_group(process_group)
         self._plan: _Plan | None = None
-        self._captures: list[tuple[tuple, dict]] = []  # inputs of the first layer, one entry per micro-batch
+        # One entry per micro-batch: the first layer's (args, kwargs) and the token ids it was embedded from (then
+        # args[0] is dropped: the replay re-embeds with the updated embedding) or None (args[0] kept).
+        self._captures: list[tuple[tuple, dict, torch.Tensor | None]] = []
+        self._embedded: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, output) of the last embedding call
         self._head_max: torch.Tensor | None = None  # (L, nH) fp32: max logit per head
         self._row_sum: torch.Tensor | None = None  # (L, nH + 1) fp64: Σ row maxima per head | number of rows
 
@@ -203,18 +211,21 @@ class QKClip:
         # no-op observer too.
         observer = _ignore if self._plan.clip else torch.compiler.disable(self._observe_forward)
         previous = [attn.qk_observer for attn in self.attentions]
-        hook = None
+        hooks = []
         try:
             for attn in self.attentions:
                 attn.qk_observer = observer
             if self._plan.clip:
-                hook = self.layers[0].register_forward_pre_hook(self._capture, with_kwargs=True)
+                hooks.append(self.layers[0].register_forward_pre_hook(self._capture, with_kwargs=True))
+                if self.embedding is not None:
+                    hooks.append(self.embedding.register_forward_hook(self._remember_embedding))
             yield
         finally:
             for attn, prev in zip(self.attentions, previous, strict=True):
                 attn.qk_observer = prev
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
+            self._embedded = None
 
     @torch.no_grad()
     def after_step(self, step: int) -> dict[str, float]:
@@ -256,12 +267,20 @@ class QKClip:
     def _observe_forward(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None):
         self._accumulate(self._layer_of[module], q.detach(), k.detach(), allowed)
 
+    def _remember_embedding(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._embedded = (args[0].detach(), output) if args and isinstance(args[0], torch.Tensor) else None
+
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # Kept until after_step: the memory cost of the recomputation is one (B, T, H) activation per micro-batch
-        # plus the rotary/layout tensors the layers share.
+        # Kept until after_step (the memory cost of the recomputation): the token ids when the first layer's input is
+        # exactly the embedding output (the replay then also sees the updated embedding), otherwise that (B, T, H)
+        # input; plus the rotary/layout tensors every layer shares.
+        ids = None
+        if self._embedded is not None and args and args[0] is self._embedded[1]:
+            ids, args = self._embedded[0], (None, *args[1:])
+        self._embedded = None
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        self._captures.append((args, kwargs))
+        self._captures.append((args, kwargs, ids))
 
     def _accumulate(self, layer: int, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None) -> None:
         per_row = max_logit_per_row(q, k, allowed, scale=q.shape[-1] ** -0.5, chunk_elements=self.chunk_elements)
@@ -279,8 +298,8 @@ class QKClip:
         forward with the clipped weights. Under FSDP2 each layer's sharded params are gathered with
         ``full_tensor()`` (every rank, every layer, same order) and swapped in; no FSDP hook runs. Returns η (L, nH).
         """
-        captured = self._captures
-        hidden = [args[0] for args, _ in captured]
+        captured = [(args, kwargs) for args, kwargs, _ in self._captures]
+        hidden = self._first_layer_inputs()
         eta = torch.ones_like(self._head_max, dtype=torch.float64)
         for layer_idx, (layer, attn) in enumerate(zip(self.layers, self.attentions, strict=True)):
             weight = attn.qkv.weight  # the live (possibly sharded) parameter, before any swap
@@ -298,6 +317,15 @@ class QKClip:
                     hidden = [_first(layer.forward(h, *a[1:], **kw)) for h, (a, kw) in zip(hidden, captured)]
         self._captures = []
         return eta
+
+    def _first_layer_inputs(self) -> list[torch.Tensor]:
+        """Each micro-batch's first-layer input: re-embedded with the current embedding, or as captured."""
+        emb = self.embedding
+        full = {}
+        if emb is not None:  # gathered on every rank whatever it captured: all ranks enter the same collectives
+            full = {n: p.full_tensor() for n, p in emb.named_parameters() if isinstance(p, DTensor)}
+        with _swap_params(emb, full) if emb is not None else nullcontext():
+            return [args[0] if ids is None else emb.forward(ids) for args, _, ids in self._captures]
 
     def _measure(self, layer: nn.Module, attn: nn.Module, layer_idx: int, hidden: list, captured: list) -> None:
         previous, attn.qk_observer = attn.qk_observer, _measure_and_stop(self)

@@ -254,3 +254,25 @@ def test_rejects_bad_settings():
     for bad in ({"threshold": 0.0}, {"alpha": 1.5}, {"interval": 0}, {"warmup_steps": -1}, {"statistic": "p99"}):
         with pytest.raises(ValueError):
             make_clip(model, **bad)
+
+
+def test_training_step_with_backward_and_a_real_optimizer():
+    """The trainer's path: train-mode forward + backward per micro-batch inside observing, optimizer.step(), clip."""
+    model, mbs = tiny_model().train(), [batch(8), batch(9)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    clip = make_clip(model, threshold=2.5)
+    observe = clip.wants_observation(3, logging=True)
+    for mb in mbs:
+        labels = mb["input_ids"].masked_fill(mb["attention_mask"] == 0, -100)
+        with clip.observing(observe):
+            model(**mb, labels=labels).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    metrics = clip.after_step(3)
+    assert metrics["train/qk_clip_heads_clipped"] >= 2
+    assert model.training and all(p.grad is not None for p in model.parameters())
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())  # grads untouched
+    model.eval()
+    post = torch.cat([row_maxima(model, mb) for mb in mbs], dim=1).amax(dim=1)
+    assert (post <= 2.5 * (1 + 1e-3)).all()
+    assert post.max().item() == pytest.approx(2.5, rel=1e-4)

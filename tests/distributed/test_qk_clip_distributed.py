@@ -1,0 +1,187 @@
+"""QK-clip across 2 gloo processes, each rank observing a different batch.
+
+DDP: after the clip step the parameters are bit-identical on both ranks and equal to one process that observed the
+union of the two batches (max statistic: bit-exact; mean: ≤1e-6 relative, its fp64 sums run in another order).
+FSDP2 (``fully_shard`` per layer + root; hidden 30 → qkv 90 rows, 45 per rank, so layer 0's head-1 K rows 40..49
+straddle the shard boundary): the gathered weights equal the same single-process result bit-for-bit, and a forward
+pass through the sharded model has every head's max logit ≤ τ.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+TIMEOUT_S = 120
+TAU = 3.0
+H, N_HEADS, D = 30, 3, 10
+STEP = 4  # clip step: warmup 2, interval 2
+
+
+def _model():
+    from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = NeoBERTConfig(
+        vocab_size=64, hidden_size=H, num_hidden_layers=2, num_attention_heads=N_HEADS, intermediate_size=64
+    )
+    model = NeoBERTForMaskedLM(cfg).eval()
+    with torch.no_grad():  # logits of layer 0 head 1 (the straddling head) and layer 1 head 2 far above tau
+        for layer, head, factor in ((0, 1, 14.0), (1, 2, 12.0)):
+            w = model.model.layers[layer].attention.qkv.weight
+            w[head * D : (head + 1) * D] *= factor
+            w[H + head * D : H + (head + 1) * D] *= factor
+    return model
+
+
+def _batch(rank: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(10 + rank)
+    ids = torch.randint(1, 64, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _union() -> dict[str, torch.Tensor]:
+    parts = [_batch(r) for r in range(WORLD)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@torch.no_grad()
+def _fake_update(model) -> None:
+    """Stand-in for optimizer.step(), identical on every rank and valid on shards (elementwise)."""
+    for layer in model.model.layers:
+        layer.attention.qkv.weight.mul_(1.05)
+
+
+def _clip_step(model, forward, inputs, **kw) -> dict[str, float]:
+    from neobert_pt.optim.qk_clip import QKClip
+
+    kw = {"statistic": "max", **kw}
+    clip = QKClip(model, threshold=TAU, alpha=0.5, interval=2, warmup_steps=2, **kw)
+    observe = clip.wants_observation(STEP, logging=False)
+    with torch.no_grad(), clip.observing(observe):
+        forward(**inputs)
+    _fake_update(model)
+    return clip.after_step(STEP)
+
+
+@torch.no_grad()
+def _max_logits(forward, attentions, inputs) -> torch.Tensor:
+    """(L, nH) dense max logit over allowed pairs, measured by a plain observer during a normal forward."""
+    out = []
+
+    def observer(module, q, k, allowed):
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        out.append(logits.amax(dim=(0, 2, 3)))
+
+    for a in attentions:
+        a.qk_observer = observer
+    try:
+        forward(**inputs)
+    finally:
+        for a in attentions:
+            a.qk_observer = None
+    return torch.stack(out)
+
+
+def _qkv(model) -> list[torch.Tensor]:
+    ws = [layer.attention.qkv.weight.detach() for layer in model.model.layers]
+    return [w.full_tensor() if hasattr(w, "full_tensor") else w.clone() for w in ws]
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w", buffering=1)
+    sys.stdout = sys.stderr = log
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = _model()
+        ddp = DistributedDataParallel(model)
+        ddp_metrics = _clip_step(model, ddp, _batch(rank), process_group=dist.group.WORLD)
+        ddp_qkv = _qkv(model)
+        model = _model()
+        _clip_step(model, DistributedDataParallel(model), _batch(rank), process_group=None, statistic="mean")
+        ddp_mean_qkv = _qkv(model)
+
+        model = _model()
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        local_rows = model.model.layers[0].attention.qkv.weight.to_local().shape[0]
+        fsdp_metrics = _clip_step(model, model, _batch(rank), process_group=mesh)
+        attentions = [layer.attention for layer in model.model.layers]
+        fsdp_post = _max_logits(model, attentions, _batch(rank))
+        fsdp_qkv = _qkv(model)
+        torch.save(
+            {"ddp": ddp_qkv, "ddp_metrics": ddp_metrics, "ddp_mean": ddp_mean_qkv, "fsdp": fsdp_qkv,
+             "fsdp_metrics": fsdp_metrics, "fsdp_post": fsdp_post, "local_rows": local_rows},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+        print("done", flush=True)
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        raise
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(TIMEOUT_S + 30)
+def test_qk_clip_ddp_and_fsdp2_match_one_process_on_the_union_batch(tmp_path) -> None:
+    ctx = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"QK-clip distributed test exceeded {TIMEOUT_S}s")
+    except BaseException:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        logs = "\n".join(f"--- rank {r} ---\n" + (tmp_path / f"rank{r}.log").read_text() for r in range(WORLD)
+                         if (tmp_path / f"rank{r}.log").exists())
+        pytest.fail(f"distributed QK-clip run failed:\n{logs}")
+
+    torch.set_num_threads(1)
+    reference = _model()
+    ref_metrics = _clip_step(reference, reference, _union())
+    ref_qkv = _qkv(reference)
+    assert ref_metrics["train/qk_clip_heads_clipped"] == 2.0
+    attentions = [layer.attention for layer in reference.model.layers]
+    assert (_max_logits(reference, attentions, _union()) <= TAU * (1 + 1e-3)).all()
+
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert [r["local_rows"] for r in results] == [45, 45]  # odd shard: head 1's K rows straddle rows 45
+    for r, res in enumerate(results):
+        for mode in ("ddp", "fsdp"):
+            for layer, (w, w_ref) in enumerate(zip(res[mode], ref_qkv, strict=True)):
+                assert torch.equal(w, w_ref), (mode, r, layer)
+            for key, value in ref_metrics.items():
+                assert res[f"{mode}_metrics"][key] == pytest.approx(value, rel=1e-6), (mode, r, key)
+        assert (res["fsdp_post"] <= TAU * (1 + 1e-3)).all(), res["fsdp_post"]
+    # statistic="mean" reduces (Σ row maxima, rows) with SUM; process_group=None falls back to WORLD.
+    mean_ref = _model()
+    _clip_step(mean_ref, mean_ref, _union(), statistic="mean")
+    for res in results:
+        for w, w_ref in zip(res["ddp_mean"], _qkv(mean_ref), strict=True):
+            torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
+        assert not all(torch.equal(a, b) for a, b in zip(res["ddp_mean"], ref_qkv, strict=True))
+    # Replicas identical: both ranks hold the same full weights after the clip.
+    for mode in ("ddp", "fsdp", "ddp_mean"):
+        assert all(torch.equal(a, b) for a, b in zip(results[0][mode], results[1][mode], strict=True))
