@@ -69,11 +69,11 @@ class NeoBERTRotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # position_ids (B, T) → freqs (B, T, d/2) → cos, sin (B, 1, T, d), broadcast over heads
-        freqs = position_ids[..., None].float() * self.inv_freq
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids (B, T) → freqs (B, T, d/2) → fp32 cos, sin (B, 1, T, d), broadcast over heads
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos(), emb.sin()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -82,8 +82,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + d/2) of ``x (B, nH, T, d)`` by the position angle."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate channel pairs (i, i + d/2) of ``x (B, nH, T, d)`` by the position angle, in fp32 (bf16 angles at
+    positions in the thousands are off by whole radians), returned in ``x``'s dtype."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,7 +438,7 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
                 position_ids = torch.arange(t, device=hidden_states.device).expand(b, t)
             else:
                 position_ids = positions_from_documents(document_ids)
-        rotary = self.rotary_emb(position_ids, hidden_states.dtype)
+        rotary = self.rotary_emb(position_ids)
         implementation = "eager" if output_attentions else self.config._attn_implementation
         observed = any(layer.attention.qk_observer is not None for layer in self.layers)
         layout = build_layout(document_ids, implementation, with_allowed=observed)

@@ -244,3 +244,16 @@ def test_config_validation_and_schema_fields():
         NeoBERTConfig(hidden_size=30, num_attention_heads=4)
     assert NeoBERTConfig(attn_implementation="auto")._attn_implementation == "sdpa"  # no CUDA here
     assert NeoBERTConfig(vocab_size=None).vocab_size == 30522
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_bf16_autocast_matches_fp32(make_config, impl):
+    model = NeoBERTForMaskedLM(make_config(attn_implementation=impl)).eval()
+    _, batch = packed_batch(97)
+    labels = batch["input_ids"].masked_fill(batch["document_ids"] < 0, -100)
+    with torch.no_grad():
+        ref = model(**batch, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(**batch, labels=labels).loss
+    assert low.dtype == torch.float32  # the CE runs in fp32
+    torch.testing.assert_close(low, ref, atol=2e-2, rtol=0)
