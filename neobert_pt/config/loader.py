@@ -59,7 +59,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
         _assign(tree, key, parse_value(text))
         raw_text[key] = text
     values = _validate_section(RunConfig, tree, "", raw_text)
-    _warn_unused_subblocks(tree)
+    _warn_unused_subblocks(values)
     return _build(RunConfig, values)
 
 
@@ -288,15 +288,20 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
         raise ConfigError(f"Invalid {cls.__name__}: {err}") from None
 
 
-def _warn_unused_subblocks(tree: dict[str, Any]) -> None:
-    optimizer = tree.get("optimizer") or {}
-    name = optimizer.get("name", RunConfig().optimizer.name)
+def _warn_unused_subblocks(values: dict[str, Any]) -> None:
+    """Warn about sub-block keys set to a non-default value for an optimizer that does not read them.
+
+    Keys equal to their default are not reported, so a saved resolved config (which lists every block) reloads quietly.
+    """
+    optimizer = values.get("optimizer", {})
+    defaults = RunConfig().optimizer
+    name = optimizer.get("name", defaults.name)
     for block, users in SUBBLOCK_OPTIMIZERS.items():
-        given = optimizer.get(block)
-        if given and name not in users:
-            keys = ", ".join(sorted(given)) if isinstance(given, dict) else "the whole block"
+        default_block = getattr(defaults, block, None)
+        changed = sorted(k for k, v in optimizer.get(block, {}).items() if v != getattr(default_block, k, object()))
+        if changed and name not in users:
             warnings.warn(
-                f"optimizer.{block} is set ({keys}) but optimizer.name is {name!r}; it is ignored "
+                f"optimizer.{block} is set ({', '.join(changed)}) but optimizer.name is {name!r}; it is ignored "
                 f"(it applies to {', '.join(users)}).",
                 ConfigWarning,
                 stacklevel=3,

@@ -1,0 +1,137 @@
+"""pretrain.py's command line: --help, --print-config, exit codes, and the runbook commands of design/config.md."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from neobert_pt.config.cli import parse_args
+from neobert_pt.config.schema import RunConfig
+from neobert_pt.config.tree import leaf_options
+from neobert_pt.config.yamlio import parse_yaml
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+PRETRAIN = os.path.join(ROOT, "scripts", "pretraining", "pretrain.py")
+DION2 = "configs/pretraining/pretrain_neobert100m_smollm2data_dion2.yaml"
+ADAMW = "configs/pretraining/pretrain_neobert100m_smollm2data.yaml"
+
+
+def run_pretrain(*args: str) -> subprocess.CompletedProcess:
+    """Run the real script from the repository root, as a user would (offline, no W&B)."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, PRETRAIN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_runbook_dion2_robustness_command_resolves():
+    """The Dion2 robustness runbook command of design/config.md, verbatim, plus --print-config."""
+    proc = run_pretrain(
+        DION2,
+        "--trainer.max_steps", "200",
+        "--optimizer.dion2_config.enable_clipping", "true",
+        "--optimizer.dion2_config.clipping_threshold", "50.0",
+        "--optimizer.dion2_config.clipping_interval", "10",
+        "--trainer.output_dir", "./outputs/exp/dion2_robustness/dion2_qk_smoke",
+        "--trainer.save_steps", "1000",
+        "--trainer.resume_from_checkpoint", "latest",
+        "--wandb.mode", "disabled",
+        "--seed", "42",
+        "--print-config",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stderr
+    resolved = parse_yaml(proc.stdout)
+    dion2 = resolved["optimizer"]["dion2_config"]
+    assert resolved["optimizer"]["name"] == "dion2"
+    assert dion2["enable_clipping"] is True
+    assert dion2["clipping_threshold"] == 50.0 and isinstance(dion2["clipping_threshold"], float)
+    assert dion2["clipping_interval"] == 10
+    assert resolved["trainer"]["max_steps"] == 200
+    assert resolved["trainer"]["output_dir"] == "./outputs/exp/dion2_robustness/dion2_qk_smoke"
+    assert resolved["trainer"]["save_steps"] == 1000
+    assert resolved["trainer"]["resume_from_checkpoint"] == "latest"
+    assert resolved["wandb"]["mode"] == "disabled"
+    assert resolved["seed"] == 42
+    # Untouched values come from the YAML file, not the dataclass defaults.
+    assert resolved["dataset"]["name"] == "HuggingFaceTB/smollm-corpus"
+    assert resolved["trainer"]["per_device_train_batch_size"] == 32
+
+
+def test_runbook_launch_argv_resolves():
+    """What `accelerate launch [--num_processes 2 | --config_file ...] pretrain.py CONFIG ...` hands the script."""
+    proc = run_pretrain(ADAMW, "--trainer.max_steps", "200", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    resolved = parse_yaml(proc.stdout)
+    assert resolved["trainer"]["max_steps"] == 200
+    assert resolved["optimizer"]["name"] == "adamw"
+    assert resolved["optimizer"]["lr"] == 6e-4
+
+
+def test_config_error_exits_2_with_one_paragraph_and_no_traceback():
+    proc = run_pretrain(DION2, "--trainer.max_step", "200")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "pretrain.py: error: Unknown config key trainer.max_step. Did you mean trainer.max_steps?" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_help_lists_sections_and_every_key_with_type_default_and_doc(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--help"], prog="pretrain.py")
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: pretrain.py [CONFIG]")
+    assert "sections: model, dataset, tokenizer, datacollator, trainer, optimizer, scheduler, wandb, seed" in out
+    for option in leaf_options(RunConfig):
+        assert f"  --{option.key} " in out, option.key
+    assert "  --optimizer.dion2_config.clipping_threshold float  (default: 50.0)" in out
+    assert "  --trainer.resume_from_checkpoint bool | str | null  (default: null)" in out
+    assert "  --seed int  (default: 0)" in out
+    assert "QK-clip threshold tau" in out  # field docs are included
+    assert "optimizer.dion2_config: Dion2" in out  # sub-block headers carry the dataclass doc
+
+
+def test_help_works_anywhere_in_argv(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args([os.path.join(ROOT, ADAMW), "--trainer.max_steps", "5", "-h"])
+    assert info.value.code == 0 and "--model.hidden_size int" in capsys.readouterr().out
+
+
+def test_print_config_without_config_file_prints_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--print-config"])
+    assert info.value.code == 0
+    assert parse_yaml(capsys.readouterr().out)["trainer"]["max_steps"] == RunConfig().trainer.max_steps
+
+
+def test_parse_args_returns_config_without_print_flag():
+    cfg = parse_args([os.path.join(ROOT, ADAMW), "--seed=7", "--optimizer.lr", "1e-4"])
+    assert (cfg.seed, cfg.optimizer.lr, cfg.model.num_hidden_layers) == (7, 1e-4, 12)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["missing.yaml"], "Config file not found: missing.yaml"),
+        (["--trainer.max_steps", "many"], "trainer.max_steps: cannot use 'many' (str); expected int."),
+        (["--optimizer.name", "sgd"], "optimizer.name: 'sgd' is not an allowed value"),
+        (["--trainer.max_steps", "5", "extra"], "Unexpected argument 'extra'"),
+    ],
+)
+def test_errors_exit_2(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv, prog="pretrain.py")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pretrain.py: error: ") and fragment in err
+
+
+def test_unselected_subblock_warning_is_printed_not_fatal(capsys):
+    cfg = parse_args([os.path.join(ROOT, ADAMW), "--optimizer.muon_config.clipping_interval", "3"])
+    assert cfg.optimizer.muon_config.clipping_interval == 3
+    err = capsys.readouterr().err
+    assert "pretrain.py: warning: optimizer.muon_config is set (clipping_interval) but optimizer.name is 'adamw'" in err
