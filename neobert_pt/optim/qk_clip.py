@@ -265,6 +265,8 @@ class QKClip:
     # ------------------------------------------------------------------------------------------------------------
 
     def _observe_forward(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None):
+        if _in_backward():  # activation-checkpoint recomputation: the same q, k were already measured
+            return
         self._accumulate(self._layer_of[module], q.detach(), k.detach(), allowed)
 
     def _remember_embedding(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -274,6 +276,8 @@ class QKClip:
         # Kept until after_step (the memory cost of the recomputation): the token ids when the first layer's input is
         # exactly the embedding output (the replay then also sees the updated embedding), otherwise that (B, T, H)
         # input; plus the rotary/layout tensors every layer shares.
+        if _in_backward():  # activation-checkpoint recomputation of a batch already captured
+            return
         ids = None
         if self._embedded is not None and args and args[0] is self._embedded[1]:
             ids, args = self._embedded[0], (None, *args[1:])
@@ -314,7 +318,7 @@ class QKClip:
                 if isinstance(weight, DTensor):  # also the gathered copy that the next layer's input comes from
                     _scale_rows(attn.qkv.weight, 0, factors)
                 if layer_idx + 1 < len(self.layers):
-                    hidden = [_first(layer.forward(h, *a[1:], **kw)) for h, (a, kw) in zip(hidden, captured)]
+                    hidden = [_first(layer.forward(h, *a[1:], **kw)) for h, (a, kw) in zip(hidden, captured, strict=True)]
         self._captures = []
         return eta
 
@@ -465,6 +469,11 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in flags:
             m.training = training
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where activation checkpointing re-runs forwards)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _first(output: Any) -> torch.Tensor:

@@ -276,3 +276,16 @@ def test_training_step_with_backward_and_a_real_optimizer():
     post = torch.cat([row_maxima(model, mb) for mb in mbs], dim=1).amax(dim=1)
     assert (post <= 2.5 * (1 + 1e-3)).all()
     assert post.max().item() == pytest.approx(2.5, rel=1e-4)
+
+
+def test_activation_checkpointing_recomputation_is_not_observed_twice():
+    model, mb = tiny_model().train(), batch(10)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    clip = make_clip(model, interval=100)
+    observe = clip.wants_observation(1, logging=True)
+    with clip.observing(observe):
+        model(**mb, labels=mb["input_ids"]).loss.backward()  # backward re-runs every layer's attention
+    rows = clip._row_sum[:, -1].tolist()
+    assert rows == [3.0, 3.0]  # each of the 3 rows counted once per layer, not twice
+    assert clip.after_step(1)["train/max_attention_logit"] == pytest.approx(row_maxima(model.eval(), mb).max().item(),
+                                                                          rel=1e-5)
