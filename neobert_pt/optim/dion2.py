@@ -230,7 +230,7 @@ class Dion2(torch.optim.Optimizer):
             ortho = _dist.ddp_orthogonalize(stacked, orth, self._group)
         else:
             ortho = orth(stacked)
-        for p, idx, o in zip(params, picks, ortho.split([i.shape[0] for i in picks])):
+        for p, idx, o in zip(params, picks, ortho.split([i.shape[0] for i in picks]), strict=True):
             w = _local(p)
             w.mul_(decay)
             w.view(-1, rows, cols).scatter_add_(dim, idx, o.to(w.dtype) * neg_lr)

@@ -135,7 +135,7 @@ def fsdp_step_local(
     per = joint.shape[0]
     ortho = _orth_batch(joint.reshape(per, world * k, cols), orth)
     result = _return(ortho.view(per, world, k, cols), world, pg)
-    for p, idx, res in zip(params, picks, result):
+    for p, idx, res in zip(params, picks, result[: len(params)], strict=True):
         w = _local(p)
         w.mul_(decay)
         if idx is not None:
@@ -170,7 +170,7 @@ def fsdp_step_global(
     result = _return(out.view(-1, world, chunk, cols + 1), world, pg)
     one = torch.ones((), dtype=torch.float32, device=device)
     mu = torch.full((), group["ef_decay"], dtype=torch.float32, device=device)
-    for p, res in zip(params, result):
+    for p, res in zip(params, result[: len(params)], strict=True):
         w, m = _local(p), _local(state[p]["momentum"])
         res = res[: w.shape[0]]
         m.mul_(torch.where(res[:, cols:] > 0, mu, one).to(m.dtype))

@@ -60,7 +60,7 @@ def _optimizer(params, mesh=None, scope="local") -> Dion2:
 
 def _step(params, opt, steps, wrap=lambda t: t) -> None:
     for step in steps:
-        for p, g in zip(params, _grads(step)):
+        for p, g in zip(params, _grads(step), strict=True):
             p.grad = wrap(g)
         opt.step()
 
@@ -78,7 +78,7 @@ def simulate_fsdp(scope: str) -> dict[str, list[torch.Tensor]]:
     ws, ms = [t.clone() for t in _init()[:-1]], [torch.zeros(s) for s in SHAPES[:-1]]
     decay = 1 - torch.tensor(LR) * WD
     for step in range(STEPS):
-        for w, m, g in zip(ws, ms, _grads(step)):
+        for w, m, g in zip(ws, ms, _grads(step), strict=False):
             m.add_(g)
             rows, cols = w.shape
             chunk = math.ceil(rows / WORLD)
@@ -230,5 +230,5 @@ def test_sharded_checkpoint_resume_equals_uninterrupted(results) -> None:
     for r in range(WORLD):
         assert results[r]["dcp_group_steps"] == [2, 2]
         for key in ("w", "m"):
-            for a, b in zip(results[r]["dcp_resumed"][key], results[r]["dcp_uninterrupted"][key]):
+            for a, b in zip(results[r]["dcp_resumed"][key], results[r]["dcp_uninterrupted"][key], strict=True):
                 assert torch.equal(a, b), (key, r)

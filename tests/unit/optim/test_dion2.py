@@ -262,7 +262,7 @@ def test_state_dict_round_trip_is_bit_exact() -> None:
 
     def steps(ps, opt, gs):
         for g in gs:
-            for p, gi in zip(ps, g):
+            for p, gi in zip(ps, g, strict=True):
                 p.grad = gi
             opt.step()
 
@@ -277,12 +277,12 @@ def test_state_dict_round_trip_is_bit_exact() -> None:
     assert isinstance(saved["opt"]["param_groups"][0]["lr"], float)
     ps_b, opt_b = make()
     with torch.no_grad():
-        for p, s in zip(ps_b, saved["params"]):
+        for p, s in zip(ps_b, saved["params"], strict=True):
             p.copy_(s)
     opt_b.load_state_dict(saved["opt"])
     assert opt_b.state[ps_b[3]]["step_dev"].dtype == torch.float32
     steps(ps_b, opt_b, grads[2:])
-    for p_ref, p_b in zip(ps_ref, ps_b):
+    for p_ref, p_b in zip(ps_ref, ps_b, strict=True):
         assert torch.equal(p_ref, p_b)
 
 

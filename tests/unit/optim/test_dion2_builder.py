@@ -114,6 +114,6 @@ def test_native_matches_upstream_on_a_small_model(monkeypatch) -> None:
         model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
         built.optimizer.step()
     # one step (same gradients); upstream has no split_rows (fused QKV is one matrix there): compare the rest
-    for (name, a), b in zip(model_native.named_parameters(), model_upstream.parameters()):
+    for (name, a), b in zip(model_native.named_parameters(), model_upstream.parameters(), strict=True):
         if "qkv" not in name:
             assert (a - b).abs().max() <= 1e-6, name
