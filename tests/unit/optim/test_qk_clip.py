@@ -280,7 +280,7 @@ def test_training_step_with_backward_and_a_real_optimizer():
 
 def test_activation_checkpointing_recomputation_is_not_observed_twice():
     model, mb = tiny_model().train(), batch(10)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     clip = make_clip(model, interval=100)
     observe = clip.wants_observation(1, logging=True)
     with clip.observing(observe):
