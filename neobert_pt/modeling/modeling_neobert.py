@@ -113,10 +113,7 @@ class NeoBERTAttentionLayout:
 
 
 def combine_document_ids(
-    input_shape: tuple[int, int],
-    device: torch.device,
-    attention_mask: torch.Tensor | None,
-    document_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor | None:
     """One (B, T) long tensor of document indices (-1 = pad), or None when every row is one unpadded document."""
     if document_ids is None and attention_mask is None:
@@ -142,20 +139,25 @@ def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 def build_layout(document_ids: torch.Tensor | None, implementation: str, with_allowed: bool) -> NeoBERTAttentionLayout:
-    if document_ids is None:
-        return NeoBERTAttentionLayout()
-    real = document_ids >= 0  # (B, T)
+    """Masks / varlen metadata for one forward. Documents must be contiguous within a row (the packer's layout)."""
     layout = NeoBERTAttentionLayout()
-    if implementation == "flash_attention_2":
+    if document_ids is None:
+        return layout
+    real = document_ids >= 0  # (B, T)
+    flash = implementation == "flash_attention_2"
+    if flash:
         b, t = document_ids.shape
+        # a unique id per (row, document); real tokens in row-major order form the flat varlen sequence
         flat = (document_ids + torch.arange(b, device=document_ids.device)[:, None] * (t + 1)).flatten()
         layout.indices = real.flatten().nonzero().squeeze(-1)
         _, counts = torch.unique_consecutive(flat[layout.indices], return_counts=True)
         layout.cu_seqlens = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
-        layout.max_seqlen = int(counts.max()) if counts.numel() else 0
-    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-    allowed = same & real[:, None, :]
-    if implementation != "flash_attention_2":
+        layout.max_seqlen = int(counts.max()) if counts.numel() else 0  # host sync, once per forward
+    if flash and not with_allowed:
+        return layout
+    # (B, T, T): same document and a real key
+    allowed = (document_ids[:, :, None] == document_ids[:, None, :]) & real[:, None, :]
+    if not flash:
         eye = torch.eye(document_ids.shape[1], dtype=torch.bool, device=document_ids.device)
         layout.mask = (allowed | (eye & ~real[:, :, None]))[:, None]
     if with_allowed:
@@ -432,7 +434,7 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = hidden_states.shape[:2]
 
-        document_ids = combine_document_ids((b, t), hidden_states.device, attention_mask, document_ids)
+        document_ids = combine_document_ids(attention_mask, document_ids, hidden_states.device)
         if position_ids is None:
             if document_ids is None:
                 position_ids = torch.arange(t, device=hidden_states.device).expand(b, t)

@@ -58,8 +58,9 @@ def test_positions_derived_from_document_ids(make_config):
 
 
 def test_layout_fast_path_and_mask():
-    assert combine_document_ids((2, 4), torch.device("cpu"), torch.ones(2, 4, dtype=torch.long), None) is None
-    assert combine_document_ids((2, 4), torch.device("cpu"), None, None) is None
+    cpu = torch.device("cpu")
+    assert combine_document_ids(torch.ones(2, 4, dtype=torch.long), None, cpu) is None
+    assert combine_document_ids(None, None, cpu) is None
     doc = torch.tensor([[0, 0, 1, -1]])
     layout = build_layout(doc, "sdpa", with_allowed=True)
     expected_allowed = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
@@ -69,6 +70,16 @@ def test_layout_fast_path_and_mask():
     kernel[3, 3] = True
     assert torch.equal(layout.mask[0, 0], kernel)
     assert build_layout(doc, "sdpa", with_allowed=False).allowed is None
+
+
+def test_flash_varlen_metadata():
+    """cu_seqlens splits the flat real tokens at every document boundary, rows included."""
+    doc = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
+    layout = build_layout(doc, "flash_attention_2", with_allowed=False)
+    assert layout.mask is None and layout.allowed is None
+    assert layout.indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert layout.cu_seqlens.tolist() == [0, 3, 5, 11] and layout.cu_seqlens.dtype == torch.int32
+    assert layout.max_seqlen == 6
 
 
 def test_fully_padded_row_is_finite(make_config):
@@ -257,3 +268,36 @@ def test_bf16_autocast_matches_fp32(make_config, impl):
             low = model(**batch, labels=labels).loss
     assert low.dtype == torch.float32  # the CE runs in fp32
     torch.testing.assert_close(low, ref, atol=2e-2, rtol=0)
+
+
+def _reference_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal
+):
+    """flash_attn_varlen_func semantics on CPU: full attention inside each [cu[i], cu[i+1]) segment."""
+    out = torch.empty_like(q)
+    for lo, hi in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), strict=True):
+        seg = [x[lo:hi].transpose(0, 1) for x in (q, k, v)]  # (nH, n, d)
+        out[lo:hi] = F.scaled_dot_product_attention(*seg, scale=softmax_scale).transpose(0, 1)
+    return out
+
+
+def test_flash_backend_gather_scatter_matches_sdpa(make_config, monkeypatch):
+    """The varlen wrapper (gather real tokens, split at cu_seqlens, scatter back) against sdpa, with a CPU stand-in
+    for the flash-attn kernel."""
+    import sys
+    import types
+
+    from neobert_pt.modeling import modeling_neobert
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = _reference_varlen
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(modeling_neobert, "flash_attn_available", lambda: True)
+    model = NeoBERTModel(make_config()).eval()
+    _, batch = packed_batch(97)
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+        model.config._attn_implementation = "flash_attention_2"
+        out = model(**batch).last_hidden_state
+    real = batch["document_ids"] >= 0
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
