@@ -17,6 +17,7 @@ from neobert_pt.config.tree import Option, format_value, iter_options, section_d
 DOC_COMMAND = "python -m neobert_pt.config.docgen > docs/configuration.md"
 SNAPSHOT_COMMAND = "python -m neobert_pt.config.docgen --snapshot > tests/unit/config/snapshot_keys.txt"
 
+
 def _subblock_lines() -> str:
     return "\n".join(
         f"  - `optimizer.{block}` is read by {', '.join(f'`{n}`' for n in users)}."

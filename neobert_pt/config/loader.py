@@ -117,8 +117,10 @@ def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         where = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
-        raise ConfigError(f"Config file not found: {path}{where}. Pass an existing YAML file, e.g. "
-                          "configs/pretraining/pretrain_tiny.yaml.")
+        raise ConfigError(
+            f"Config file not found: {path}{where}. Pass an existing YAML file, e.g. "
+            "configs/pretraining/pretrain_tiny.yaml."
+        )
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:

@@ -179,8 +179,15 @@ class TrainerConfig:
         elif self.resume_from_checkpoint is False or self.resume_from_checkpoint == "":
             self.resume_from_checkpoint = None
         _require_positive(
-            self, "trainer", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-            "gradient_accumulation_steps", "logging_steps", "eval_max_batches", "max_consecutive_nonfinite",
+            self,
+            "trainer",
+            "max_steps",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "eval_max_batches",
+            "max_consecutive_nonfinite",
         )
         for name in ("eval_steps", "save_steps", "save_total_limit"):
             value = getattr(self, name)

@@ -11,7 +11,7 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any, Literal, Union
 
 
@@ -26,7 +26,7 @@ class Option:
     is_section: bool
 
 
-@lru_cache(maxsize=None)
+@cache
 def type_hints(cls: type) -> dict[str, Any]:
     """Resolved hints of a dataclass (the schema modules use ``from __future__ import annotations``)."""
     return typing.get_type_hints(cls)

@@ -181,7 +181,8 @@ def test_float_or_literal_union():
 
 
 @pytest.mark.parametrize(
-    "value, expected", [("latest", "latest"), ("true", "latest"), ("false", None), ("null", None), ("ckpt/step_5", "ckpt/step_5")]
+    "value, expected",
+    [("latest", "latest"), ("true", "latest"), ("false", None), ("null", None), ("ckpt/step_5", "ckpt/step_5")],
 )
 def test_resume_from_checkpoint_spellings(value, expected):
     assert load_quiet(None, ["--trainer.resume_from_checkpoint", value]).trainer.resume_from_checkpoint == expected
@@ -326,14 +327,18 @@ def test_impossible_combinations_say_why(overrides, fragment):
 
 
 def test_unselected_subblock_warns_from_cli():
-    with pytest.warns(ConfigWarning, match=r"optimizer\.dion2_config is set \(fraction\) but optimizer\.name is 'adamw'"):
+    with pytest.warns(
+        ConfigWarning, match=r"optimizer\.dion2_config is set \(fraction\) but optimizer\.name is 'adamw'"
+    ):
         cfg = load_config(None, ["--optimizer.dion2_config.fraction", "0.5"])
     assert cfg.optimizer.dion2_config.fraction == 0.5  # kept, just unused
 
 
 def test_unselected_subblock_warns_from_yaml(tmp_path):
     path = write(tmp_path, "optimizer:\n  name: dion2\n  muon_config:\n    momentum: 0.9\n")
-    with pytest.warns(ConfigWarning, match=r"optimizer\.muon_config .* 'dion2'; it is ignored \(it applies to muonclip\)"):
+    with pytest.warns(
+        ConfigWarning, match=r"optimizer\.muon_config .* 'dion2'; it is ignored \(it applies to muonclip\)"
+    ):
         load_config(path, [])
 
 
@@ -345,7 +350,9 @@ def test_selected_subblock_does_not_warn(tmp_path):
 
 def test_every_subblock_is_mapped_to_real_optimizer_names():
     hints = typing.get_type_hints(type(RunConfig().optimizer))
-    subblocks = {f.name for f in dataclasses.fields(type(RunConfig().optimizer)) if dataclasses.is_dataclass(hints[f.name])}
+    subblocks = {
+        f.name for f in dataclasses.fields(type(RunConfig().optimizer)) if dataclasses.is_dataclass(hints[f.name])
+    }
     assert subblocks == set(SUBBLOCK_OPTIMIZERS)
     names = set(typing.get_args(hints["name"]))
     for users in SUBBLOCK_OPTIMIZERS.values():
