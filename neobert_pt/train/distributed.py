@@ -67,7 +67,12 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
         os.environ["ACCELERATE_USE_FSDP"] = "false"
     # The scheduler is stepped by the trainer once per optimizer step; accelerate's scheduler wrapper would step it
     # num_processes times, so the scheduler is never prepared (it is registered for checkpointing instead).
-    acc = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
+    # A multi-process launch without GPUs must use gloo on CPU; without cpu=True accelerate may start each rank as
+    # an independent world-size-1 run (all of them racing on the same checkpoints).
+    cpu_ranks = world_size > 1 and not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu_ranks, mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
+    if world_size > 1 and acc.num_processes != world_size:
+        raise RuntimeError(f"launched {world_size} processes but accelerate formed a group of {acc.num_processes}")
     if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
         raise ConfigError("FSDP v1 is not supported; set fsdp_config.fsdp_version: 2 in the accelerate config")
     return acc

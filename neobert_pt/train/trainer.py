@@ -121,6 +121,7 @@ class Trainer:
         if tcfg.activation_checkpointing:
             model.gradient_checkpointing_enable()
         self.num_params = sum(p.numel() for p in model.parameters())
+        self._model_cls = type(model)
         self.model, mesh = distributed.wrap_model(acc, model)
         self.unwrapped = acc.unwrap_model(self.model)
         if tcfg.torch_compile:
@@ -311,7 +312,12 @@ class Trainer:
         final = self.output_dir / FINAL_DIR
         state_dict = distributed.full_state_dict(self.accelerator, self.model)  # collective under FSDP2
         if self.accelerator.is_main_process:
-            self.unwrapped.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+            # Export from a plain instance: under FSDP2 the live model's class is a generated FSDP subclass, and
+            # save_pretrained would ship torch's FSDP sources as "remote code" next to ours.
+            with torch.random.fork_rng(devices=[]):
+                export = self._model_cls(self.unwrapped.config)
+            export.load_state_dict(state_dict)
+            export.save_pretrained(final, safe_serialization=True)
             self.tokenizer.save_pretrained(final)
         self.accelerator.wait_for_everyone()
         return final
