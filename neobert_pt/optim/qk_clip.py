@@ -4,7 +4,7 @@ After an optimizer step, each head h with statistic ``s_h > τ`` gets ``η_h = �
 ``η_h**α`` and its W_k rows by ``η_h**(1-α)``, so every logit of that head scales by exactly ``η_h``. Values,
 output projections and optimizer state are never touched, and heads with ``s_h ≤ τ`` are left bit-for-bit alone.
 
-Decisions (evidence in docs/qk_clip.md):
+Decisions (evidence in docs/optimizers.md, section QK-clip):
 
 * **Statistic measured after the update, by a layer-by-layer replay.** On clip steps the token ids (or the first
   layer's input) of every micro-batch are captured during the step's forward passes; ``after_step`` re-embeds them

@@ -127,13 +127,16 @@ class Trainer:
         if tcfg.torch_compile:
             self.model = torch.compile(self.model)
 
-        opt_cfg = run.optimizer
-        if opt_cfg.lr == "auto":
+        if run.optimizer.lr == "auto":  # the DANA power law; the number is recorded in config.yaml from here on
             from neobert_pt.optim.lr_rule import resolve_lr
 
-            opt_cfg = resolve_lr(opt_cfg, self.unwrapped)
-        built = build_optimizer(OptimizerContext(model=self.unwrapped, config=opt_cfg, max_steps=self.max_steps,
-                                                 distributed_mesh=mesh))
+            tokens_per_step = (tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
+                               * acc.num_processes * run.dataset.max_seq_length)
+            run.optimizer.lr = resolve_lr(run.optimizer, self.unwrapped, tokens_per_step)
+            if acc.is_main_process:
+                save_config(run, self.output_dir / CONFIG_FILE)
+        built = build_optimizer(OptimizerContext(model=self.unwrapped, config=run.optimizer,
+                                                 max_steps=self.max_steps, distributed_mesh=mesh))
         self.qk_clip = built.qk_clip
         self.optimizer = distributed.prepare_optimizer(acc, built.optimizer)
         self.scheduler = build_scheduler(built.optimizer, run.scheduler, self.max_steps)
