@@ -200,10 +200,8 @@ def test_resume_continues_bit_exactly(variant, tmp_path, monkeypatch):
         assert torch.equal(v, ref_params[k]), k
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="Trainer calls resolve_lr(cfg, model) without tokens_per_step and uses the float it "
-                          "returns as the optimizer config (neobert_pt/train/trainer.py, optimizer.lr == 'auto')")
 def test_lr_auto_resolves_to_the_logged_power_law_value(tmp_path):
+    """The DANA power law in the model's non-embedding parameters: logged, stepped with, and saved in config.yaml."""
     name, steps = "dana-star-mk4", 3
     cfg = config(tmp_path, name, "--optimizer.lr", "auto", "--trainer.max_steps", str(steps))
     trainer, _, _ = run(cfg)
@@ -215,3 +213,4 @@ def test_lr_auto_resolves_to_the_logged_power_law_value(tmp_path):
     assert f"optimizer {name}: peak lr {expected:g}" in log
     peak = max(r["train/lr"] for r in train_records(tmp_path))  # warmup 2 reaches factor 1 at step 2
     assert peak == pytest.approx(expected, rel=1e-12)
+    assert load_config(str(tmp_path / "config.yaml"), []).optimizer.lr == expected  # the number, not 'auto'
