@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_on_gloo  # tests/distributed/gloo.py (the test dir is on sys.path)
 from torch import nn
 
 from neobert_pt.optim.dion2 import Dion2, adjusted_lr, num_selected
@@ -104,84 +101,60 @@ def simulate_fsdp(scope: str) -> dict[str, list[torch.Tensor]]:
     return {"w": ws, "m": ms}
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w", buffering=1)
-    sys.stdout = sys.stderr = log
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        from torch.distributed.checkpoint import load, save
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import Shard, distribute_tensor
+def _work(rank: int, out_dir: str) -> dict:
+    from torch.distributed.checkpoint import load, save
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-        results = {}
-        params = [nn.Parameter(t) for t in _init()]
-        opt = _optimizer(params, mesh=dist.group.WORLD)
-        _step(params, opt, range(STEPS))
-        results["ddp"] = _snapshot(params, opt)
+    results = {}
+    params = [nn.Parameter(t) for t in _init()]
+    opt = _optimizer(params, mesh=dist.group.WORLD)
+    _step(params, opt, range(STEPS))
+    results["ddp"] = _snapshot(params, opt)
 
-        mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh("cpu", (WORLD,))
 
-        def sharded(scope):
-            model = fully_shard(Bag(), mesh=mesh)
-            params = list(model.ps)
-            assert all(type(p.data).__name__ == "DTensor" for p in params)
-            return model, params, _optimizer(params, mesh=mesh, scope=scope)
+    def sharded(scope):
+        model = fully_shard(Bag(), mesh=mesh)
+        params = list(model.ps)
+        assert all(type(p.data).__name__ == "DTensor" for p in params)
+        return model, params, _optimizer(params, mesh=mesh, scope=scope)
 
-        def wrap(g):  # synced gradients in fully_shard's layout
-            return distribute_tensor(g, mesh, [Shard(0)])
+    def wrap(g):  # synced gradients in fully_shard's layout
+        return distribute_tensor(g, mesh, [Shard(0)])
 
-        for scope in ("local", "global"):
-            _, params, opt = sharded(scope)
-            _step(params, opt, range(STEPS), wrap)
-            results[f"fsdp_{scope}"] = _snapshot(params, opt)
+    for scope in ("local", "global"):
+        _, params, opt = sharded(scope)
+        _step(params, opt, range(STEPS), wrap)
+        results[f"fsdp_{scope}"] = _snapshot(params, opt)
 
-        # sharded checkpoint: 2 steps, DCP save, fresh model + optimizer, DCP load, 2 more steps
-        ckpt = os.path.join(out_dir, "dcp")
-        model, params, opt = sharded("local")
-        _step(params, opt, range(2), wrap)
-        msd, osd = get_state_dict(model, opt)
-        save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
-        model, params, opt = sharded("local")
-        msd, osd = get_state_dict(model, opt)
-        state = {"model": msd, "optim": osd}
-        load(state, checkpoint_id=ckpt)
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        results["dcp_group_steps"] = [g["step"] for g in opt.param_groups]
-        _step(params, opt, range(2, 4), wrap)
-        results["dcp_resumed"] = _snapshot(params, opt)
-        model, params, opt = sharded("local")
-        _step(params, opt, range(4), wrap)
-        results["dcp_uninterrupted"] = _snapshot(params, opt)
+    # sharded checkpoint: 2 steps, DCP save, fresh model + optimizer, DCP load, 2 more steps
+    ckpt = os.path.join(out_dir, "dcp")
+    model, params, opt = sharded("local")
+    _step(params, opt, range(2), wrap)
+    msd, osd = get_state_dict(model, opt)
+    save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    model, params, opt = sharded("local")
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    load(state, checkpoint_id=ckpt)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    results["dcp_group_steps"] = [g["step"] for g in opt.param_groups]
+    _step(params, opt, range(2, 4), wrap)
+    results["dcp_resumed"] = _snapshot(params, opt)
+    model, params, opt = sharded("local")
+    _step(params, opt, range(4), wrap)
+    results["dcp_uninterrupted"] = _snapshot(params, opt)
 
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        print("done", flush=True)
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
+    return results
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("dion2_dist")
-    ctx = mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Dion2 distributed run exceeded {TIMEOUT_S}s")
-    except BaseException:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-        logs = "\n".join(f"--- rank {r} ---\n" + (out / f"rank{r}.log").read_text() for r in range(WORLD)
-                         if (out / f"rank{r}.log").exists())
-        pytest.fail(f"distributed Dion2 run failed:\n{logs}")
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_gloo(_work, out, world=WORLD, timeout_s=TIMEOUT_S, what="distributed Dion2 run")
 
 
 def _single_process() -> dict[str, list[torch.Tensor]]:

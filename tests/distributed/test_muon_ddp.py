@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_on_gloo  # tests/distributed/gloo.py (the test dir is on sys.path)
 from torch import nn
 
 from neobert_pt.optim.muon import Muon
@@ -50,50 +45,22 @@ def _run(wrap=lambda t: t, mesh=None) -> list[torch.Tensor]:
     return [p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in params]
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w", buffering=1)
-    sys.stdout = sys.stderr = log
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
+def _work(rank: int, out_dir: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-        ddp = _run(mesh=dist.group.WORLD)
-        mesh = init_device_mesh("cpu", (WORLD,))
-        fsdp = _run(wrap=lambda t: distribute_tensor(t, mesh, [Shard(0)]), mesh=mesh)
-        torch.save({"ddp": ddp, "fsdp": fsdp}, os.path.join(out_dir, f"rank{rank}.pt"))
-        print("done", flush=True)
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
+    ddp = _run(mesh=dist.group.WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fsdp = _run(wrap=lambda t: distribute_tensor(t, mesh, [Shard(0)]), mesh=mesh)
+    return {"ddp": ddp, "fsdp": fsdp}
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(TIMEOUT_S + 30)
 def test_two_process_ddp_and_fsdp2_match_single_process(tmp_path) -> None:
-    ctx = mp.start_processes(
-        _worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Muon distributed test exceeded {TIMEOUT_S}s")
-    except BaseException:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-        logs = "\n".join(
-            f"--- rank {r} ---\n" + (tmp_path / f"rank{r}.log").read_text()
-            for r in range(WORLD)
-            if (tmp_path / f"rank{r}.log").exists()
-        )
-        pytest.fail(f"distributed Muon run failed:\n{logs}")
+    results = run_on_gloo(_work, tmp_path, world=WORLD, timeout_s=TIMEOUT_S, what="distributed Muon run")
     torch.set_num_threads(1)
     reference = _run()
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for mode in ("ddp", "fsdp"):
         for i, ref in enumerate(reference):
             for r in range(WORLD):

@@ -9,15 +9,10 @@ pass through the sharded model has every head's max logit ≤ τ.
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_on_gloo  # tests/distributed/gloo.py (the test dir is on sys.path)
 
 WORLD = 2
 TIMEOUT_S = 120
@@ -100,63 +95,37 @@ def _qkv(model) -> list[torch.Tensor]:
     return [w.full_tensor() if hasattr(w, "full_tensor") else w.clone() for w in ws]
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w", buffering=1)
-    sys.stdout = sys.stderr = log
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.nn.parallel import DistributedDataParallel
+def _work(rank: int, out_dir: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
 
-        model = _model()
-        ddp = DistributedDataParallel(model)
-        ddp_metrics = _clip_step(model, ddp, _batch(rank), process_group=dist.group.WORLD)
-        ddp_qkv = _qkv(model)
-        model = _model()
-        _clip_step(model, DistributedDataParallel(model), _batch(rank), process_group=None, statistic="mean")
-        ddp_mean_qkv = _qkv(model)
+    model = _model()
+    ddp = DistributedDataParallel(model)
+    ddp_metrics = _clip_step(model, ddp, _batch(rank), process_group=dist.group.WORLD)
+    ddp_qkv = _qkv(model)
+    model = _model()
+    _clip_step(model, DistributedDataParallel(model), _batch(rank), process_group=None, statistic="mean")
+    ddp_mean_qkv = _qkv(model)
 
-        model = _model()
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        local_rows = model.model.layers[0].attention.qkv.weight.to_local().shape[0]
-        fsdp_metrics = _clip_step(model, model, _batch(rank), process_group=mesh)
-        attentions = [layer.attention for layer in model.model.layers]
-        fsdp_post = _max_logits(model, attentions, _batch(rank))
-        fsdp_qkv = _qkv(model)
-        torch.save(
-            {"ddp": ddp_qkv, "ddp_metrics": ddp_metrics, "ddp_mean": ddp_mean_qkv, "fsdp": fsdp_qkv,
-             "fsdp_metrics": fsdp_metrics, "fsdp_post": fsdp_post, "local_rows": local_rows},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
-        print("done", flush=True)
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
+    model = _model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    local_rows = model.model.layers[0].attention.qkv.weight.to_local().shape[0]
+    fsdp_metrics = _clip_step(model, model, _batch(rank), process_group=mesh)
+    attentions = [layer.attention for layer in model.model.layers]
+    fsdp_post = _max_logits(model, attentions, _batch(rank))
+    fsdp_qkv = _qkv(model)
+    return {"ddp": ddp_qkv, "ddp_metrics": ddp_metrics, "ddp_mean": ddp_mean_qkv, "fsdp": fsdp_qkv,
+             "fsdp_metrics": fsdp_metrics, "fsdp_post": fsdp_post, "local_rows": local_rows}
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(TIMEOUT_S + 30)
 def test_qk_clip_ddp_and_fsdp2_match_one_process_on_the_union_batch(tmp_path) -> None:
-    ctx = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"QK-clip distributed test exceeded {TIMEOUT_S}s")
-    except BaseException:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-        logs = "\n".join(f"--- rank {r} ---\n" + (tmp_path / f"rank{r}.log").read_text() for r in range(WORLD)
-                         if (tmp_path / f"rank{r}.log").exists())
-        pytest.fail(f"distributed QK-clip run failed:\n{logs}")
+    results = run_on_gloo(_work, tmp_path, world=WORLD, timeout_s=TIMEOUT_S, what="distributed QK-clip run")
 
     torch.set_num_threads(1)
     reference = _model()
@@ -166,7 +135,6 @@ def test_qk_clip_ddp_and_fsdp2_match_one_process_on_the_union_batch(tmp_path) ->
     attentions = [layer.attention for layer in reference.model.layers]
     assert (_max_logits(reference, attentions, _union()) <= TAU * (1 + 1e-3)).all()
 
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert [r["local_rows"] for r in results] == [45, 45]  # odd shard: head 1's K rows straddle rows 45
     for r, res in enumerate(results):
         for mode in ("ddp", "fsdp"):
