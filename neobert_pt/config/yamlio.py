@@ -29,16 +29,18 @@ class Yaml12Loader(yaml.SafeLoader):
 
 
 class Yaml12Dumper(yaml.SafeDumper):
-    """SafeDumper that quotes exactly the strings :class:`Yaml12Loader` would otherwise read as non-strings."""
+    """SafeDumper that quotes every string a YAML 1.2 *or* 1.1 reader would read as a non-string (``'no'``,
+    ``'1e-4'``), so a saved config.yaml means the same to this loader and to plain ``yaml.safe_load``."""
 
-    yaml_implicit_resolvers = Yaml12Loader.yaml_implicit_resolvers
+    yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeDumper.yaml_implicit_resolvers.items()}
 
 
 _FLOAT_RX = re.compile(
     r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
 )
-# Order matters: the first matching resolver wins, so "42" must be tried as int before float.
+# Order matters: the first matching resolver wins, so "42" must be tried as int before float. The dumper keeps the
+# 1.1 resolvers too: a string matching either schema gets quoted.
 for _cls in (Yaml12Loader, Yaml12Dumper):
     _cls.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
     _cls.add_implicit_resolver(_INT_TAG, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789"))
@@ -65,4 +67,4 @@ def parse_value(text: str) -> Any:
 
 def dump_yaml(data: Any) -> str:
     """Block-style YAML in field order (not alphabetical), readable and re-loadable by :func:`parse_yaml`."""
-    return yaml.dump(data, Dumper=Yaml12Dumper, sort_keys=False, default_flow_style=None, allow_unicode=True)
+    return yaml.dump(data, Dumper=Yaml12Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
