@@ -141,18 +141,22 @@ def test_fsdp2_params_are_dtensor_shards_and_every_variant_trains(fsdp):
             _assert_clipped(name, out / name)
 
 
-# Dion2 under FSDP2 row shards does not yet run the single-process algorithm: fsdp_step_global/local always select
-# ROWS and ignore split_rows, while one process selects columns of tall matrices (ffn gate/up) and selects per
-# Q/K/V projection. After one step out_proj/down_proj agree to bf16 rounding, qkv/gate/up differ by ~1.4e-2.
-_DION2_FSDP_GAP = pytest.mark.xfail(strict=True, reason="Dion2 FSDP2 path selects rows of tall matrices and "
-                                    "ignores split_rows (reported to the lead; see docs/distributed.md)")
+# Dion2 under FSDP2 follows upstream's sharded semantics (spec §1.10.2): it selects along the shard dim (rows, even of
+# tall matrices such as ffn gate/up) and orthogonalises the fused QKV whole, while one process selects columns of
+# tall matrices and works per Q/K/V projection. So FSDP2 is not expected to equal one process: its exact math is
+# checked against a sharded simulation in test_dion2_distributed.py; here the trajectory must stay close.
+DION2_FSDP2_LOSS_TOL = 5e-2
 
 
 @pytest.mark.timeout(3 * LAUNCH_TIMEOUT_S)
-@pytest.mark.parametrize("name", ["adamw", "dana-star-mk4", pytest.param("dion2", marks=_DION2_FSDP_GAP),
-                                  pytest.param("dion2-qk", marks=_DION2_FSDP_GAP)])
+@pytest.mark.parametrize("name", ["adamw", "dana-star-mk4", "dion2", "dion2-qk"])
 def test_fsdp2_matches_one_process(name, fsdp, single):
     out, _ = fsdp
+    if name.startswith("dion2"):
+        got, ref = _train_records(out / name), _train_records(single / name)
+        loss_err = max(abs(got[s]["train/loss"] - ref[s]["train/loss"]) for s in ref)
+        assert loss_err <= DION2_FSDP2_LOSS_TOL, f"{name}: FSDP2 loss strays from one process by {loss_err:.2e}"
+        return
     _assert_matches_single(name, out / name, single / name)
 
 

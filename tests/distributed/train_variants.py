@@ -22,11 +22,12 @@ import sys
 from pathlib import Path
 
 # Tiny run shared by every launch: 2 blocks (two FSDP2 units), seq 32, 6 optimizer steps, checkpoints at 3 and 6,
-# eval only at the end. Global batch 4 rows: per-device batch 2 on 2 ranks, 4 in the single-process reference.
+# eval only at the end. 2 micro-batches per step (no_sync on the first) of 4 rows in all: per-device batch 2 on
+# 2 ranks, 4 in the single-process reference, so a step sees 8 rows either way.
 TINY = [
     "--model.hidden_size", "32", "--model.num_hidden_layers", "2", "--model.num_attention_heads", "2",
     "--model.intermediate_size", "64", "--dataset.max_seq_length", "32", "--dataset.max_documents", "40",
-    "--trainer.max_steps", "6", "--trainer.logging_steps", "1", "--trainer.eval_steps", "null",
+    "--trainer.max_steps", "6", "--trainer.gradient_accumulation_steps", "2", "--trainer.logging_steps", "1", "--trainer.eval_steps", "null",
     "--trainer.eval_max_batches", "1", "--trainer.save_steps", "3", "--trainer.save_total_limit", "null",
     "--scheduler.warmup_steps", "2", "--trainer.disable_tqdm", "true", "--seed", "3",
     "--trainer.overwrite_output_dir", "true", "--wandb.mode", "disabled",
