@@ -236,34 +236,43 @@ class Dion2(torch.optim.Optimizer):
             w.view(-1, rows, cols).scatter_add_(dim, idx, o.to(w.dtype) * neg_lr)
 
     def _step_lion(self, group: dict[str, Any]) -> None:
+        """Lion with one multi-tensor kernel per op (same per-element maths as a per-tensor loop)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
         lr, wd, beta1, beta2 = group["lr"], group["weight_decay"], group["beta1"], group["beta2"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            w, g, m = _local(p), _local(p.grad), _local(self.state[p]["momentum"])
-            update = m.lerp(g, 1 - beta1).sign_()
-            m.lerp_(g, 1 - beta2)
-            w.mul_(1 - lr * wd)
-            w.add_(update, alpha=-lr)
+        w = [_local(p) for p in params]
+        g = [_local(p.grad) for p in params]
+        m = [_local(self.state[p]["momentum"]) for p in params]
+        update = torch._foreach_lerp(m, g, 1 - beta1)
+        torch._foreach_sign_(update)
+        torch._foreach_lerp_(m, g, 1 - beta2)
+        if wd:
+            torch._foreach_mul_(w, 1 - lr * wd)
+        torch._foreach_add_(w, update, alpha=-lr)
 
     def _step_adamw(self, group: dict[str, Any]) -> None:
-        """Decoupled AdamW in torch's op order; the step counter is a device tensor so bias correction never syncs."""
-        lr, wd, beta1, beta2, eps = group["lr"], group["weight_decay"], group["beta1"], group["beta2"], group["epsilon"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            w, g = _local(p), _local(p.grad)
-            m, v, t = _local(state["momentum"]), _local(state["variance"]), state["step_dev"]
-            t.add_(1)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            w.mul_(1 - lr * wd)
-            bias1 = 1 - torch.pow(beta1, t)
-            bias2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
-            denom = (v.sqrt() / bias2_sqrt).add_(eps)
-            w.addcdiv_(m * (-lr / bias1), denom)
+        """Decoupled AdamW through torch's fused kernel: one pass over each tensor, on CPU and GPU alike.
 
+        The per-param step counters are fp32 device tensors read by the kernel, so bias correction never syncs.
+        """
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        states = [self.state[p] for p in params]
+        lists = [
+            [_local(p) for p in params],
+            [_local(p.grad) for p in params],
+            [_local(s["momentum"]) for s in states],
+            [_local(s["variance"]) for s in states],
+            [s["step_dev"] for s in states],
+        ]
+        for (w, g, m, v, t), _ in torch.optim.Optimizer._group_tensors_by_device_and_dtype(lists).values():
+            torch._foreach_add_(t, 1)
+            torch._fused_adamw_(
+                w, g, m, v, [], t, lr=group["lr"], beta1=group["beta1"], beta2=group["beta2"],
+                weight_decay=group["weight_decay"], eps=group["epsilon"], amsgrad=False, maximize=False,
+            )
 
 
 
