@@ -2,14 +2,14 @@
 
 All routines take a 2-D ``(r, c)`` or batched 3-D ``(B, r, c)`` tensor and return a bf16 tensor of the same shape
 whose singular values are pushed towards 1. Every op runs in bf16 with the operation order of the upstream
-``microsoft/dion`` eager code, so the optimizers built on top reproduce its reference numbers bit-for-bit on CPU
-(spec ``dion2_muonclip.md`` §1.5, fixture §2). Zero rows/columns stay exactly zero, which distributed padding
-relies on. These are approximations: singular values land in about [0.58, 1.15] (PE5) and [0.43, 1.15] (NS5).
+``microsoft/dion`` eager code, so the optimizers built on top reproduce its CPU reference numbers (spec
+``dion2_muonclip.md`` §1.5, fixture §2; on CPU the bf16 products go through sgemm, see :func:`_mm`). Zero
+rows/columns stay exactly zero, which distributed padding relies on. These are approximations: singular values
+land in about [0.58, 1.15] (PE5) and [0.43, 1.15] (NS5).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 # Polar Express (Amsel et al., arXiv 2505.16932), 5 steps, safety 2e-2, cushion 2; the 1.02 safety factor is applied
@@ -42,16 +42,20 @@ def _check(x: Tensor) -> None:
         raise ValueError(f"orthogonalize expects a 2-D or batched 3-D tensor, got shape {tuple(x.shape)}")
 
 
+def _operand(x: Tensor) -> Tensor:
+    """``x`` as a matmul operand: fp32 on CPU (see :func:`_mm`), the bf16 tensor itself elsewhere."""
+    return x.float() if x.device.type == "cpu" else x
+
+
 def _mm(a: Tensor, b: Tensor) -> Tensor:
-    """bf16 matrix product: fp32 accumulation, one rounding to bf16 (what bf16 GEMMs compute).
+    """bf16 product of two :func:`_operand` tensors: fp32 accumulation, one rounding to bf16 (what bf16 GEMMs do).
 
     CPUs without native bf16 GEMM run torch's bf16 matmul through a scalar fallback that is 5-50x slower than
-    sgemm (and far worse under thread contention), so there the product is formed in fp32 and rounded once. Only the
-    summation order differs from the fallback, which moves about 1 output element in 30,000 by one bf16 ulp.
+    sgemm (and far worse under thread contention), so there the operands are fp32 copies of the bf16 values and the
+    product is rounded once. Only the summation order differs from the fallback, which moves about 1 output element
+    in 30,000 by one bf16 ulp. Each operand is converted once per iteration, however often it is used.
     """
-    if a.device.type == "cpu":
-        return torch.matmul(a.float(), b.float()).bfloat16()
-    return a @ b
+    return (a @ b).bfloat16()
 
 
 def _frobenius(x: Tensor) -> Tensor:
@@ -68,14 +72,18 @@ def polar_express(x: Tensor, eps: float = 1e-7) -> Tensor:
     X = X / (_frobenius(X) * 1.02 + eps)
     if X.size(-2) > X.size(-1):
         for a, b, c in POLAR_EXPRESS_COEFFS:
-            A = _mm(X.mT, X)
-            B = b * A + c * _mm(A, A)
-            X = a * X + _mm(X, B)
+            Xo = _operand(X)
+            A = _mm(Xo.mT, Xo)
+            Ao = _operand(A)
+            B = b * A + c * _mm(Ao, Ao)
+            X = a * X + _mm(Xo, _operand(B))
     else:
         for a, b, c in POLAR_EXPRESS_COEFFS:
-            A = _mm(X, X.mT)
-            B = b * A + c * _mm(A, A)
-            X = a * X + _mm(B, X)
+            Xo = _operand(X)
+            A = _mm(Xo, Xo.mT)
+            Ao = _operand(A)
+            B = b * A + c * _mm(Ao, Ao)
+            X = a * X + _mm(_operand(B), Xo)
     return X
 
 
@@ -88,9 +96,11 @@ def _quintic_ns(x: Tensor, coeffs: tuple[tuple[float, float, float], ...], eps: 
         X = X.mT
     X = X / (_frobenius(X) + eps)
     for a, b, c in coeffs:
-        A = _mm(X, X.mT)
-        B = b * A + c * _mm(A, A)
-        X = a * X + _mm(B, X)
+        Xo = _operand(X)
+        A = _mm(Xo, Xo.mT)
+        Ao = _operand(A)
+        B = b * A + c * _mm(Ao, Ao)
+        X = a * X + _mm(_operand(B), Xo)
     return X.mT if tall else X
 
 
