@@ -211,29 +211,31 @@ class Dion2(torch.optim.Optimizer):
         dim = 1 if select_rows else 2
         k = num_selected(group["fraction"], rows if select_rows else cols)
         neg_lr = -adjusted_lr(lr, rows, cols, group["adjust_lr"])
-        picks, blocks = [], []
-        for p in params:
-            m = _local(self.state[p]["momentum"])
-            m.add_(_local(p.grad).to(m.dtype))
-            m3 = m.view(-1, rows, cols)
-            norms = m3.abs().sum(dim=3 - dim)
-            idx = norms.topk(k, dim=-1, sorted=False).indices
-            idx = idx.unsqueeze(2).expand(-1, -1, cols) if select_rows else idx.unsqueeze(1).expand(-1, rows, -1)
-            selected = m3.gather(dim, idx)
-            m3.scatter_(dim, idx, selected * group["ef_decay"])
-            picks.append(idx)
-            blocks.append(selected.bfloat16())
-        stacked = torch.cat(blocks)
+        ms = [_local(self.state[p]["momentum"]) for p in params]
+        torch._foreach_add_(ms, [_local(p.grad).to(m.dtype) for p, m in zip(params, ms, strict=True)])
+        # One stacked copy of the bucket's momenta: norms, top-k and gather run once for the whole bucket.
+        m3s = [m.view(-1, rows, cols) for m in ms]
+        stack = torch.cat(m3s) if len(m3s) > 1 else m3s[0]
+        idx = stack.abs().sum(dim=3 - dim).topk(k, dim=-1, sorted=False).indices
+        idx = idx.unsqueeze(2).expand(-1, -1, cols) if select_rows else idx.unsqueeze(1).expand(-1, rows, -1)
+        selected = stack.gather(dim, idx)
+        decayed = selected * group["ef_decay"]
+        stacked = selected.bfloat16()
+        counts = [m.shape[0] for m in m3s]
+        picks = idx.split(counts)
+        for m3, i, d in zip(m3s, picks, decayed.split(counts), strict=True):
+            m3.scatter_(dim, i, d)
         if stacked.shape[0] == 1:
             ortho = orth(stacked[0]).unsqueeze(0)
         elif self._mesh_kind == "ddp":
             ortho = _dist.ddp_orthogonalize(stacked, orth, self._group)
         else:
             ortho = orth(stacked)
-        for p, idx, o in zip(params, picks, ortho.split([i.shape[0] for i in picks]), strict=True):
-            w = _local(p)
-            w.mul_(decay)
-            w.view(-1, rows, cols).scatter_add_(dim, idx, o.to(w.dtype) * neg_lr)
+        ws = [_local(p) for p in params]
+        torch._foreach_mul_(ws, decay)
+        update = ortho.to(ws[0].dtype) * neg_lr
+        for w, i, u in zip(ws, picks, update.split(counts), strict=True):
+            w.view(-1, rows, cols).scatter_add_(dim, i, u)
 
     def _step_lion(self, group: dict[str, Any]) -> None:
         """Lion with one multi-tensor kernel per op (same per-element maths as a per-tensor loop)."""
