@@ -75,7 +75,7 @@ def max_logit_per_row(
     for start in range(0, t, chunk):
         logits = torch.matmul(q[:, :, start : start + chunk], k_t) * scale  # (B, nH, c, T)
         if allowed is not None:
-            logits = logits.masked_fill(~allowed[:, :, start : start + chunk], float("-inf"))
+            logits = torch.where(allowed[:, :, start : start + chunk], logits, float("-inf"))
         best = torch.maximum(best, logits.amax(dim=(-1, -2)))
     return best
 
@@ -245,17 +245,22 @@ class QKClip:
             else:
                 for layer in range(len(self.attentions)):
                     self._reduce(layer)
-            head_max = self._head_max
-            # One host sync: whether anything was observed anywhere (identical on every rank after the reduce).
+            # The step's one host copy (statistic, and η on clip steps); the metrics are computed from it on the host.
+            layers = self._head_max.shape[0]
+            device_values = torch.cat([self._head_max.double(), eta]) if plan.clip else self._head_max.double()
+            host = device_values.cpu()
+            head_max = host[:layers]
+            # Whether anything was observed anywhere (identical on every rank after the reduce).
             if not bool(torch.isfinite(head_max).any()):
                 return {}
             metrics = {"train/max_attention_logit": head_max.max().item()}
             for i, value in enumerate(head_max.amax(dim=1).tolist()):
                 metrics[f"train/max_attention_logit/layer_{i}"] = value
             if plan.clip:
+                eta_host = host[layers:]
                 # q and k of a clipped head both scale, so every logit of head h (its max included) scales by η_h.
-                metrics["train/max_attention_logit_post_clip"] = (head_max.double() * eta).max().item()
-                metrics["train/qk_clip_heads_clipped"] = float((eta < 1).sum().item())
+                metrics["train/max_attention_logit_post_clip"] = (head_max * eta_host).max().item()
+                metrics["train/qk_clip_heads_clipped"] = float((eta_host < 1).sum().item())
             return metrics
         finally:
             self._discard()
@@ -289,8 +294,9 @@ class QKClip:
     def _accumulate(self, layer: int, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None) -> None:
         per_row = max_logit_per_row(q, k, allowed, scale=q.shape[-1] ** -0.5, chunk_elements=self.chunk_elements)
         self._head_max[layer] = torch.maximum(self._head_max[layer], per_row.amax(dim=0).to(self._head_max))
-        seen = torch.isfinite(per_row[:, 0])  # rows with at least one allowed pair
-        self._row_sum[layer, :-1] += per_row[seen].double().sum(dim=0)
+        seen = torch.isfinite(per_row[:, :1])  # rows with at least one allowed pair
+        # A mask instead of boolean indexing: no device-to-host sync inside the forward pass.
+        self._row_sum[layer, :-1] += torch.where(seen, per_row.double(), 0.0).sum(dim=0)
         self._row_sum[layer, -1] += seen.sum()
 
     def _clip_layer_by_layer(self) -> torch.Tensor:
