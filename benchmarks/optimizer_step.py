@@ -72,7 +72,7 @@ def measure(width: int, args, device: torch.device, names: list[str]) -> list[di
         opt = built.optimizer
 
         def step(opt=opt):
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g
             opt.step()
 

@@ -14,8 +14,40 @@ from neobert_pt.config.errors import ConfigError
 from neobert_pt.config.fields import option
 
 
+def _validate(section: str, obj: object, checks: tuple[tuple[str, bool, str], ...]) -> None:
+    """Raise a ConfigError naming the first failing ``(key, ok, allowed)`` check of ``optimizer.<section>``."""
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(
+                f"optimizer.{section}.{key}={getattr(obj, key)!r} is invalid: must be {allowed}; "
+                f"set --optimizer.{section}.{key} to a valid value."
+            )
+
+
 @dataclass
-class MuonConfig:
+class QKClipSettings:
+    """QK-clip (Kimi K2) settings, shared by ``muon_config`` and ``dion2_config`` (one component: qk_clip.py)."""
+
+    enable_clipping: bool = option(False, "Apply QK-clip after optimizer steps.")
+    clipping_threshold: float = option(50.0, "QK-clip threshold tau on the per-head max attention logit.")
+    clipping_alpha: float = option(0.5, "Split of the clip factor: eta**alpha on W_q rows, eta**(1-alpha) on W_k.")
+    clipping_interval: int = option(10, "Clip every N optimizer steps.")
+    clipping_warmup_steps: int = option(0, "No clipping before this optimizer step.")
+    clipping_statistic: Literal["max", "mean"] = option(
+        "max", "Per-head statistic over the batch: 'max' (Kimi K2) or 'mean' of per-sequence maxima (fork parity)."
+    )
+
+    def _clip_checks(self) -> tuple[tuple[str, bool, str], ...]:
+        return (
+            ("clipping_threshold", self.clipping_threshold > 0, "> 0"),
+            ("clipping_alpha", 0 <= self.clipping_alpha <= 1, "in [0, 1]"),
+            ("clipping_interval", self.clipping_interval >= 1, ">= 1"),
+            ("clipping_warmup_steps", self.clipping_warmup_steps >= 0, ">= 0"),
+        )
+
+
+@dataclass
+class MuonConfig(QKClipSettings):
     """MuonClip: Muon on the encoder's hidden matrices + AdamW on the rest, with optional QK-clip.
 
     The fork's names ``muon_beta``/``muon_decay`` are ``momentum``/``weight_decay`` here. ``ns_steps`` applies only to
@@ -35,14 +67,7 @@ class MuonConfig:
         "rms_norm", "Update scale: 'rms_norm' = 0.2*sqrt(max(m,n)) (Moonlight, AdamW-RMS matching), "
         "'spectral_norm' = sqrt(m/n), 'none'."
     )
-    enable_clipping: bool = option(True, "Apply QK-clip after optimizer steps.")
-    clipping_threshold: float = option(50.0, "QK-clip threshold tau on the per-head max attention logit.")
-    clipping_alpha: float = option(0.5, "Split of the clip factor: eta**alpha on W_q rows, eta**(1-alpha) on W_k.")
-    clipping_interval: int = option(10, "Clip every N optimizer steps.")
-    clipping_warmup_steps: int = option(0, "No clipping before this optimizer step.")
-    clipping_statistic: Literal["max", "mean"] = option(
-        "max", "Per-head statistic over the batch: 'max' (Kimi K2) or 'mean' of per-sequence maxima (fork parity)."
-    )
+    enable_clipping: bool = option(True, "Apply QK-clip after optimizer steps (on by default for muonclip).")
 
     def __post_init__(self) -> None:
         checks = (
@@ -53,21 +78,13 @@ class MuonConfig:
             ("ns_steps", 1 <= self.ns_steps <= 20, "in [1, 20]"),
             ("ns_steps", self.ns_steps == 5 or self.orthogonalization == "newton_schulz_kj",
              "5 unless orthogonalization is newton_schulz_kj (polar_express and newton_schulz are fixed 5-step)"),
-            ("clipping_threshold", self.clipping_threshold > 0, "> 0"),
-            ("clipping_alpha", 0 <= self.clipping_alpha <= 1, "in [0, 1]"),
-            ("clipping_interval", self.clipping_interval >= 1, ">= 1"),
-            ("clipping_warmup_steps", self.clipping_warmup_steps >= 0, ">= 0"),
+            *self._clip_checks(),
         )
-        for key, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(
-                    f"optimizer.muon_config.{key}={getattr(self, key)!r} is invalid: must be {allowed}; "
-                    f"set --optimizer.muon_config.{key} to a valid value."
-                )
+        _validate("muon_config", self, checks)
 
 
 @dataclass
-class Dion2Config:
+class Dion2Config(QKClipSettings):
     """Dion2: sparse (top-fraction rows) orthonormal updates with error feedback, + optional QK-clip."""
 
     fraction: float = option(0.25, "Fraction of rows (or columns) selected and orthogonalised per step.")
@@ -92,14 +109,16 @@ class Dion2Config:
     implementation: Literal["native", "upstream"] = option(
         "native", "'upstream' uses Microsoft's dion.Dion2 when it is installed."
     )
-    enable_clipping: bool = option(False, "Apply QK-clip after optimizer steps.")
-    clipping_threshold: float = option(50.0, "QK-clip threshold tau on the per-head max attention logit.")
-    clipping_alpha: float = option(0.5, "Split of the clip factor: eta**alpha on W_q rows, eta**(1-alpha) on W_k.")
-    clipping_interval: int = option(10, "Clip every N optimizer steps.")
-    clipping_warmup_steps: int = option(0, "No clipping before this optimizer step.")
-    clipping_statistic: Literal["max", "mean"] = option(
-        "max", "Per-head statistic over the batch: 'max' (Kimi K2) or 'mean' of per-sequence maxima."
-    )
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
+            ("ef_decay", self.ef_decay >= 0, ">= 0"),
+            ("ns_steps", self.ns_steps >= 1, ">= 1"),
+            ("matrix_lr", self.matrix_lr is None or self.matrix_lr > 0, "> 0 or null"),
+            *self._clip_checks(),
+        )
+        _validate("dion2_config", self, checks)
 
 
 @dataclass
@@ -131,12 +150,7 @@ class DanaConfig:
             ("wd_ts", self.wd_ts is None or self.wd_ts > 0, "> 0 or null"),
             ("wd_ts_fraction", 0 < self.wd_ts_fraction, "> 0"),
         )
-        for key, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(
-                    f"optimizer.dana_config.{key}={getattr(self, key)!r} is invalid: must be {allowed}; "
-                    f"set --optimizer.dana_config.{key} to a valid value."
-                )
+        _validate("dana_config", self, checks)
 
 
 @dataclass

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.optim import dion2_distributed as _dist
 from neobert_pt.optim.orthogonalize import orthogonalize
+from neobert_pt.optim.qk_clip import build_qk_clip
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
 
 ALGORITHMS = ("dion2", "adamw", "lion")
@@ -348,24 +348,9 @@ def build_dion2(ctx: OptimizerContext) -> BuiltOptimizer:
         use_polar_express=dc.orthogonalization == "polar_express",
         selection_scope=dc.selection_scope,
     )
-    qk_clip = None
-    if dc.enable_clipping:
-        from neobert_pt.optim.qk_clip import QKClip  # lazy: the optimizer works without the clip component
-
-        mesh = ctx.distributed_mesh
-        qk_clip = QKClip(
-            ctx.model,
-            threshold=dc.clipping_threshold,
-            alpha=dc.clipping_alpha,
-            interval=dc.clipping_interval,
-            warmup_steps=dc.clipping_warmup_steps,
-            statistic=dc.clipping_statistic,
-            process_group=mesh.get_group() if isinstance(mesh, DeviceMesh) else mesh,
-        )
-        log_lines.append(
-            f"dion2 qk-clip: tau={dc.clipping_threshold:g} alpha={dc.clipping_alpha:g} "
-            f"interval={dc.clipping_interval} warmup={dc.clipping_warmup_steps} statistic={dc.clipping_statistic}"
-        )
+    qk_clip = build_qk_clip(ctx.model, dc, ctx.distributed_mesh)
+    if qk_clip is not None:
+        log_lines.append(f"dion2 {qk_clip.description}")
     return BuiltOptimizer(optimizer=optimizer, qk_clip=qk_clip, log_lines=log_lines)
 
 

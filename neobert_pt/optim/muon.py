@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from neobert_pt.optim.orthogonalize import METHODS, orthogonalize
+from neobert_pt.optim.qk_clip import build_qk_clip
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
 
 logger = logging.getLogger(__name__)
@@ -322,25 +323,7 @@ def build_muonclip(ctx: OptimizerContext) -> BuiltOptimizer:
             )
             log_lines.append(f"muonclip group {spec.name}: adamw lr={adam_lr:g} wd=0 betas={tuple(cfg.betas)}")
     optimizer = Muon(groups, betas=tuple(cfg.betas), eps=cfg.eps, distributed_mesh=ctx.distributed_mesh)
-    qk_clip = None
-    if mc.enable_clipping:
-        from neobert_pt.optim.qk_clip import QKClip  # lazy: the optimizer works without the clip component
-
-        mesh = ctx.distributed_mesh
-        process_group = mesh.get_group() if hasattr(mesh, "get_group") else mesh
-        qk_clip = QKClip(
-            ctx.model,
-            threshold=mc.clipping_threshold,
-            alpha=mc.clipping_alpha,
-            interval=mc.clipping_interval,
-            warmup_steps=mc.clipping_warmup_steps,
-            statistic=mc.clipping_statistic,
-            process_group=process_group,
-        )
-        log_lines.append(
-            f"muonclip qk-clip: tau={mc.clipping_threshold:g} alpha={mc.clipping_alpha:g} "
-            f"interval={mc.clipping_interval} warmup={mc.clipping_warmup_steps} statistic={mc.clipping_statistic}"
-        )
-    for line in log_lines:
-        logger.info(line)
+    qk_clip = build_qk_clip(ctx.model, mc, ctx.distributed_mesh)
+    if qk_clip is not None:
+        log_lines.append(f"muonclip {qk_clip.description}")
     return BuiltOptimizer(optimizer=optimizer, qk_clip=qk_clip, log_lines=log_lines)

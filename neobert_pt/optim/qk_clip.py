@@ -34,6 +34,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from neobert_pt.optim.config import QKClipSettings
+
 STATISTICS = ("max", "mean")
 # Upper bound on elements of one (B, nH, chunk, T) logit tile: 2**25 fp32 = 128 MiB.
 DEFAULT_CHUNK_ELEMENTS = 2**25
@@ -173,6 +175,12 @@ class QKClip:
     # ------------------------------------------------------------------------------------------------------------
     # Trainer protocol
     # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def description(self) -> str:
+        """One start-up log line with the settings."""
+        return (f"qk-clip: tau={self.threshold:g} alpha={self.alpha:g} interval={self.interval} "
+                f"warmup={self.warmup_steps} statistic={self.statistic}")
 
     def is_clip_step(self, step: int) -> bool:
         return is_clip_step(step, interval=self.interval, warmup_steps=self.warmup_steps)
@@ -496,3 +504,22 @@ def _measure_and_stop(clip: QKClip):
         raise _StopAttention
 
     return observer
+
+
+def build_qk_clip(model: nn.Module, settings: QKClipSettings, distributed_mesh: Any = None) -> QKClip | None:
+    """The QK-clip component an optimizer builder returns, or None when ``settings.enable_clipping`` is off.
+
+    ``distributed_mesh`` is what the builder received: None, a DDP ``ProcessGroup`` or an FSDP2 1-D ``DeviceMesh``.
+    """
+    if not settings.enable_clipping:
+        return None
+    process_group = distributed_mesh.get_group() if hasattr(distributed_mesh, "get_group") else distributed_mesh
+    return QKClip(
+        model,
+        threshold=settings.clipping_threshold,
+        alpha=settings.clipping_alpha,
+        interval=settings.clipping_interval,
+        warmup_steps=settings.clipping_warmup_steps,
+        statistic=settings.clipping_statistic,
+        process_group=process_group,
+    )

@@ -90,11 +90,11 @@ def _plots(runs: list[RunSpec], records: dict[str, RunRecord], out_dir: Path) ->
         for run in stage_runs:
             rec = records[run.name]
             label = f"{run.variant} s{run.seed} {run.mode}{'' if run.role == 'train' else ' ' + run.role}"
-            for ax, key in zip(axes, ("train/loss", "eval/loss")):
+            for ax, key in zip(axes, ("train/loss", "eval/loss"), strict=True):
                 series = rec.series(key)
                 if series:
-                    ax.plot(*zip(*series), label=label, marker="o" if key == "eval/loss" else None, markersize=3)
-        for ax, title in zip(axes, ("train loss", "eval loss")):
+                    ax.plot(*zip(*series, strict=True), label=label, marker="o" if key == "eval/loss" else None, markersize=3)
+        for ax, title in zip(axes, ("train loss", "eval loss"), strict=True):
             ax.set_title(f"stage {stage}: {title}")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

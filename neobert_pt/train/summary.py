@@ -87,9 +87,9 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
     train = [(r["step"], r["train/loss"]) for r in records if isinstance(r.get("train/loss"), (int, float))]
     evals = [(r["step"], r["eval/loss"]) for r in records if isinstance(r.get("eval/loss"), (int, float))]
     if train:
-        ax.plot(*zip(*train), label="train/loss")
+        ax.plot(*zip(*train, strict=True), label="train/loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval/loss")
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval/loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("MLM loss")
     ax.grid(alpha=0.3)
