@@ -1,4 +1,4 @@
-"""The shipped YAML configs load cleanly, and the 100M family differs only in its optimizer block."""
+"""The shipped YAML configs load cleanly, and each comparison family differs only in its optimizer block."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ FAMILY_100M = {
     "pretrain_neobert100m_smollm2data_adana.yaml": "adana",
     "pretrain_neobert100m_smollm2data_dana_star_mk4.yaml": "dana-star-mk4",
 }
+# The robustness matrix's cpu profile (jobs/experiment_dion2_robustness.sh PROFILE=cpu).
+FAMILY_ROBUSTNESS_CPU = {
+    "robustness_cpu/adamw.yaml": "adamw",
+    "robustness_cpu/muonclip.yaml": "muonclip",
+    "robustness_cpu/dion2.yaml": "dion2",
+}
 
 
 def load(name: str):
@@ -27,16 +33,18 @@ def load(name: str):
         return load_config(os.path.join(CONFIG_DIR, name), [])
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))), ids=os.path.basename)
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True)),
+                         ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_every_shipped_config_loads_without_warnings(path):
-    load(os.path.basename(path))
+    load(os.path.relpath(path, CONFIG_DIR))
 
 
-def test_100m_family_is_identical_except_the_optimizer_block():
-    dicts = {name: config_to_dict(load(name)) for name in FAMILY_100M}
-    for name, optimizer in FAMILY_100M.items():
+@pytest.mark.parametrize("family", [FAMILY_100M, FAMILY_ROBUSTNESS_CPU], ids=["100m", "robustness_cpu"])
+def test_family_is_identical_except_the_optimizer_block(family):
+    dicts = {name: config_to_dict(load(name)) for name in family}
+    for name, optimizer in family.items():
         assert dicts[name]["optimizer"]["name"] == optimizer
-    reference = dicts["pretrain_neobert100m_smollm2data.yaml"]
+    reference = dicts[next(iter(family))]
     sections = set(reference) - {"optimizer"}
     assert sections == {"model", "dataset", "tokenizer", "datacollator", "trainer", "scheduler", "wandb", "seed"}
     for name, resolved in dicts.items():
