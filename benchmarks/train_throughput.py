@@ -7,7 +7,7 @@ AdamW from the same invocation.
 
     python benchmarks/train_throughput.py                                     # tiny config, CPU
     python benchmarks/train_throughput.py --config configs/pretraining/pretrain_neobert100m_smollm2data.yaml \
-        --steps 60 --warmup-steps 20 --override --dataset.name embedded --override --tokenizer.name embedded   # GPU
+        --steps 60 --warmup-steps 20 -- --dataset.name embedded --tokenizer.name embedded   # GPU; after -- : overrides
     python benchmarks/train_throughput.py --smoke
 """
 
@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup-steps", type=int, default=10, help="steps excluded from the steady-state window")
     p.add_argument("--optimizers", nargs="+", default=[v[0] for v in VARIANTS])
-    p.add_argument("--override", action="append", default=[], help="extra CLI override token (repeatable)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 4 steps: checks the output structure only")
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:split])
+    args.override = argv[split + 1:]  # dotted config overrides applied to every variant
     if args.smoke:
         args.steps, args.warmup_steps = 4, 1
         args.override += ["--model.hidden_size", "32", "--model.num_hidden_layers", "1", "--model.num_attention_heads",
