@@ -63,7 +63,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so a reader sees the old or the new content, never a partial file."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -240,7 +241,7 @@ class Checkpointer:
         for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             _fsync_dir(d)
         marker = {"step": step, "world_size": world_size, "files": files}
-        _atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1))
+        atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1))
         if final.exists():  # re-saving a step (e.g. the final step after a resume): move the old one aside first
             trash = self.root / f".old_{final.name}"
             shutil.rmtree(trash, ignore_errors=True)
@@ -248,7 +249,7 @@ class Checkpointer:
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(self.root)
-        _atomic_write_text(self.root / LATEST, final.name + "\n")
+        atomic_write_text(self.root / LATEST, final.name + "\n")
         logger.info("saved checkpoint %s", final)
 
     def _prune(self) -> None:

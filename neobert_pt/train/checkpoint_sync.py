@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from neobert_pt.train.checkpoint import CHECKPOINTS_DIR, LATEST, _atomic_write_text, step_of, verify
+from neobert_pt.train.checkpoint import CHECKPOINTS_DIR, LATEST, atomic_write_text, step_of, verify
 
 logger = logging.getLogger("neobert_pt.checkpoint_sync")
 _RUN_FILES = ("config.yaml", "metrics.jsonl")
@@ -40,9 +40,10 @@ def _copy_dir_atomically(src: Path, dst_root: Path) -> Path:
     tmp = dst_root / f".sync_{src.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    if verify(tmp) is not None:  # the source changed under us (pruned mid-copy): drop this attempt
+    reason = verify(tmp)
+    if reason is not None:  # the source changed under us (pruned mid-copy): drop this attempt
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"copy of {src} is incomplete: {verify(tmp)}")
+        raise OSError(f"copy of {src} is incomplete: {reason}")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -69,7 +70,7 @@ def sync_once(local: Path, shared: Path, keep: int | None = None) -> Path | None
     for name in _RUN_FILES:
         if (Path(local) / name).is_file():
             _copy_file_atomically(Path(local) / name, Path(shared) / name)
-    _atomic_write_text(dst_root / LATEST, newest.name)
+    atomic_write_text(dst_root / LATEST, newest.name)
     if keep:
         for old in complete_steps(shared)[:-keep]:
             try:
@@ -93,7 +94,7 @@ def restore(shared: Path, local: Path) -> Path | None:
     for name in _RUN_FILES:
         if (Path(shared) / name).is_file():
             _copy_file_atomically(Path(shared) / name, Path(local) / name)
-    _atomic_write_text(dst_root / LATEST, copied.name)
+    atomic_write_text(dst_root / LATEST, copied.name)
     return copied
 
 
