@@ -36,6 +36,7 @@ __all__ = [
 SUBBLOCK_OPTIMIZERS: dict[str, tuple[str, ...]] = {
     "muon_config": ("muonclip",),
     "dion2_config": ("dion2",),
+    "dion_config": ("dion",),
     "dana_config": ("adana", "dana-mk4", "dana-star", "dana-star-mk4", "adamw-decaying-wd"),
 }
 

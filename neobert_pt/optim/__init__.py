@@ -1,7 +1,8 @@
 """Optimizers and the registry that builds them from ``optimizer.*`` config."""
 
-from neobert_pt.optim.config import DanaConfig, Dion2Config, MuonConfig, OptimizerConfig
+from neobert_pt.optim.config import DanaConfig, Dion2Config, DionConfig, MuonConfig, OptimizerConfig
 from neobert_pt.optim.dana import AdamWDecayingWD, ADana, DanaStar
+from neobert_pt.optim.dion import Dion, DionMixedPrecisionConfig
 from neobert_pt.optim.dion2 import Dion2
 from neobert_pt.optim.lr_rule import resolve_lr, suggest_peak_lr
 from neobert_pt.optim.muon import Muon
@@ -20,8 +21,11 @@ __all__ = [
     "BuiltOptimizer",
     "DanaConfig",
     "DanaStar",
+    "Dion",
     "Dion2",
     "Dion2Config",
+    "DionConfig",
+    "DionMixedPrecisionConfig",
     "Muon",
     "MuonConfig",
     "OptimizerConfig",

@@ -1,4 +1,5 @@
-"""The `optimizer` config section and its per-algorithm sub-blocks (`muon_config`, `dion2_config`, `dana_config`).
+"""The `optimizer` config section and its per-algorithm sub-blocks (`muon_config`, `dion2_config`, `dion_config`,
+`dana_config`).
 
 Top-level `lr`, `betas`, `eps` and `weight_decay` serve AdamW and the scalar (embedding/norm) group of every
 orthonormal optimizer; each sub-block holds only what its algorithm adds. A sub-block given for an optimizer that
@@ -122,6 +123,56 @@ class Dion2Config(QKClipSettings):
 
 
 @dataclass
+class DionConfig:
+    """Dion (v1): rank-r orthonormal updates by warm-started power iteration with error feedback (spec dion.md).
+
+    On a 2-D (replicate x shard) mesh ``replicate_mesh_grad_sync: true`` makes FSDP reduce gradients over the shard
+    axis only, and Dion averages just its low-rank factors P and R over the replicate axis (docs/distributed.md).
+    """
+
+    rank_fraction: float = option(
+        0.5, "Rank r = rank_fraction * min(m, n) (rounded up to rank_multiple_of, capped at min(m, n)).")
+    rank_multiple_of: int = option(1, "Round r up to a multiple of this (e.g. the shard count, or 8/16 for kernels).")
+    mu: float = option(0.95, "Momentum / error-feedback factor: the captured rank-r part of M decays by mu.")
+    power_iters: int = option(1, "Power iterations per step (upstream dion.Dion: 1; DionReference allows more).")
+    qr_method: Literal["rcqr", "qr", "cqr"] = option(
+        "rcqr", "Orthonormaliser of P: randomized Cholesky QR (upstream), Householder 'qr', or Cholesky 'cqr' after "
+        "cqr_warmup_steps.")
+    cqr_warmup_steps: int = option(150, "qr_method 'cqr' uses rcqr for the first steps (Cholesky QR squares the "
+                                   "condition number of a cold Q).")
+    rcqr_oversample: float = option(1.25, "RCQR sketch rows = 128 * ceil(rcqr_oversample * r / 128).")
+    sketch_seed: int = option(0, "Seed of the per-(step, param) RCQR sketch and the initial Q (never the global RNG).")
+    matrix_lr: float | None = option(
+        None, "Peak LR of the Dion (matrix) groups; null: optimizer.lr. The update is sqrt(m/n)*lr*P Q^T with "
+        "||P Q^T||_F^2 = r; upstream's 160M GPT recipe uses 0.02.")
+    scalar_algorithm: Literal["adamw", "lion"] = option("adamw", "Algorithm for embeddings, norms, biases and heads.")
+    lm_head_lr_rule: Literal["upstream", "none"] = option(
+        "upstream", "LR of an untied 2-D head (scalar group): 'upstream' = lr/sqrt(d_in) under Lion, lr under AdamW "
+        "(dion's lm_head_lr_scale); 'none' = lr. The tied NeoBERT head is the embedding and is never scaled.")
+    replicate_mesh_grad_sync: bool | None = option(
+        None, "On a 2-D HSDP mesh: Dion averages its low-rank factors over the replicate axis and FSDP reduces over "
+        "the shard axis only (true), or FSDP averages full gradients over both axes (false). null: true on HSDP. "
+        "true needs an HSDP launch (configs/accelerate/hsdp_*.yaml).")
+    momentum_dtype: Literal["param", "bfloat16", "float32"] = option(
+        "param", "Dtype of every momentum buffer (Dion's M, AdamW/Lion m); 'param' = the parameter dtype.")
+    q_dtype: Literal["param", "bfloat16", "float32"] = option("param", "Dtype of Dion's right factor Q.")
+    variance_dtype: Literal["param", "bfloat16", "float32"] = option("param", "Dtype of AdamW's variance.")
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("rank_fraction", 0 < self.rank_fraction <= 1, "in (0, 1]"),
+            ("rank_multiple_of", self.rank_multiple_of >= 1, ">= 1"),
+            ("mu", 0 <= self.mu < 1, "in [0, 1)"),
+            ("power_iters", self.power_iters >= 1, ">= 1"),
+            ("cqr_warmup_steps", self.cqr_warmup_steps >= 0, ">= 0"),
+            ("rcqr_oversample", self.rcqr_oversample >= 1, ">= 1"),
+            ("sketch_seed", self.sketch_seed >= 0, ">= 0"),
+            ("matrix_lr", self.matrix_lr is None or self.matrix_lr > 0, "> 0 or null"),
+        )
+        _validate("dion_config", self, checks)
+
+
+@dataclass
 class DanaConfig:
     """The DANA family (adana, dana-mk4, dana-star, dana-star-mk4) and adamw-decaying-wd; defaults = paper values.
 
@@ -158,7 +209,7 @@ class OptimizerConfig:
     """Which optimizer and its shared hyperparameters."""
 
     name: Literal[
-        "adamw", "adana", "dana-mk4", "dana-star", "dana-star-mk4", "adamw-decaying-wd", "muonclip", "dion2"
+        "adamw", "adana", "dana-mk4", "dana-star", "dana-star-mk4", "adamw-decaying-wd", "muonclip", "dion2", "dion"
     ] = option("adamw", "Optimizer (see docs/optimizers.md).")
     lr: float | Literal["auto"] = option(
         6e-4, "Peak learning rate; 'auto' applies the DANA paper's power law in non-embedding params (logged)."
@@ -168,4 +219,5 @@ class OptimizerConfig:
     weight_decay: float = option(0.01, "Decoupled weight decay on 2-D block weights (never on norms/embeddings).")
     muon_config: MuonConfig = option(MuonConfig, "Settings used when name is 'muonclip'.")
     dion2_config: Dion2Config = option(Dion2Config, "Settings used when name is 'dion2'.")
+    dion_config: DionConfig = option(DionConfig, "Settings used when name is 'dion'.")
     dana_config: DanaConfig = option(DanaConfig, "Settings used by the DANA family and adamw-decaying-wd.")

@@ -33,6 +33,9 @@ class OptimizerContext:
     max_steps: int
     # None: one process. ProcessGroup: DDP (replicated params). 1-D DeviceMesh: FSDP2 (Shard(0) DTensor params).
     distributed_mesh: Any = None
+    # HSDP only (2-D replicate x shard mesh): the two 1-D sub-meshes; distributed_mesh is then the shard sub-mesh.
+    replicate_mesh: Any = None
+    shard_mesh: Any = None
     param_groups: list[ParamGroupSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -138,6 +138,7 @@ class Trainer:
         built = build_optimizer(OptimizerContext(model=self.unwrapped, config=run.optimizer,
                                                  max_steps=self.max_steps, distributed_mesh=mesh))
         self.qk_clip = built.qk_clip
+        self._raw_optimizer = built.optimizer
         self.optimizer = distributed.prepare_optimizer(acc, built.optimizer)
         self.scheduler = build_scheduler(built.optimizer, run.scheduler, self.max_steps)
         self.state = TrainState()
@@ -305,6 +306,10 @@ class Trainer:
         return self._finish(time.perf_counter() - start_wall)
 
     def _save(self, step: int) -> None:
+        # Dion with compressed replica sync keeps per-replica momenta; a checkpoint holds their mean (every rank).
+        sync_for_checkpoint = getattr(self._raw_optimizer, "synchronize_for_checkpoint", None)
+        if sync_for_checkpoint is not None:
+            sync_for_checkpoint()
         self.checkpointer.save(
             step, rank_state={"data": self.data.train.state_dict()},
             write_config=lambda path: save_config(self.run, path),

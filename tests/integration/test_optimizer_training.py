@@ -43,6 +43,7 @@ VARIANTS = {
     "adamw-decaying-wd": [],
     "muonclip": ["--optimizer.muon_config.enable_clipping", "false"],
     "dion2": [],
+    "dion": ["--optimizer.dion_config.rank_fraction", "0.25"],
     "muonclip+qk": [
         "--optimizer.muon_config.enable_clipping", "true",
         "--optimizer.muon_config.clipping_threshold", str(TAU),
@@ -162,6 +163,7 @@ RESUME = {
     "dana-star-mk4": [],
     "muonclip+qk": ["--optimizer.muon_config.clipping_interval", "3"],  # clip steps 3 and 6: before and after k
     "dion2+qk": ["--optimizer.dion2_config.clipping_interval", "3"],
+    "dion": [],
 }
 
 

@@ -248,9 +248,9 @@ def test_bad_type_in_yaml_file(tmp_path):
 
 
 def test_bad_choice_lists_allowed_values():
-    msg = error_of(None, ["--optimizer.name", "dion"])
-    assert "optimizer.name: 'dion' is not an allowed value" in msg
-    for name in ("adamw", "adana", "dana-star-mk4", "muonclip", "dion2"):
+    msg = error_of(None, ["--optimizer.name", "dino2"])
+    assert "optimizer.name: 'dino2' is not an allowed value" in msg
+    for name in ("adamw", "adana", "dana-star-mk4", "muonclip", "dion2", "dion"):
         assert repr(name) in msg
     assert "Did you mean 'dion2'?" in msg
     msg = error_of(None, ["--optimizer.dion2_config.adjust_lr", "spectral"])
