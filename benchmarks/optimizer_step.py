@@ -37,7 +37,12 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("muonclip", "muonclip", {"muon_config": {"enable_clipping": True, "clipping_interval": 1}}),
     ("dion2", "dion2", {}),
     ("dion2_qk", "dion2", {"dion2_config": {"enable_clipping": True, "clipping_interval": 1}}),
+    # opt-in sgemm orthogonaliser (CPU only; not upstream's bits): compare with muonclip / dion2 for the ratio
+    ("muonclip_fastcpu", "muonclip", {"muon_config": {"enable_clipping": False, "fast_cpu_orthogonalization": True}}),
+    ("muonclip_noclip", "muonclip", {"muon_config": {"enable_clipping": False}}),
+    ("dion2_fastcpu", "dion2", {"dion2_config": {"fast_cpu_orthogonalization": True}}),
 ]
+DEFAULT_VARIANTS = [v[0] for v in VARIANTS if not v[0].endswith(("_fastcpu", "_noclip"))]
 
 
 def build_model(width: int, layers: int, vocab: int, device: torch.device) -> NeoBERTForMaskedLM:
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--optimizers", nargs="+", default=[v[0] for v in VARIANTS])
+    p.add_argument("--optimizers", nargs="+", default=DEFAULT_VARIANTS,
+                   help="labels to run; also muonclip_noclip, muonclip_fastcpu, dion2_fastcpu (exact vs fast CPU path)")
     p.add_argument("--device", default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat: checks the output structure only")
     args = p.parse_args(argv)

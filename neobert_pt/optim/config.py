@@ -69,6 +69,10 @@ class MuonConfig(QKClipSettings):
         "'spectral_norm' = sqrt(m/n), 'none'."
     )
     enable_clipping: bool = option(True, "Apply QK-clip after optimizer steps (on by default for muonclip).")
+    fast_cpu_orthogonalization: bool = option(
+        False, "Opt-in CPU speed path: bf16 orthogonaliser products as fp32 sgemm rounded once. Not upstream's bits "
+        "(a different, equally accurate approximation; divergence table in docs/optimizers.md); default: exact."
+    )
 
     def __post_init__(self) -> None:
         checks = (
@@ -99,6 +103,10 @@ class Dion2Config(QKClipSettings):
         "polar_express", "Orthogonaliser of the selected submatrix (Polar Express 5 steps, or quintic NS5)."
     )
     ns_steps: int = option(5, "Iterations of the orthogonaliser.")
+    fast_cpu_orthogonalization: bool = option(
+        False, "Opt-in CPU speed path: bf16 orthogonaliser products as fp32 sgemm rounded once. Not upstream's bits "
+        "(a different, equally accurate approximation; divergence table in docs/optimizers.md); default: exact."
+    )
     selection_scope: Literal["local", "global"] = option(
         "local", "Under FSDP2: select rows per shard ('local') or over the full matrix ('global')."
     )

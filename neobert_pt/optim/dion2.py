@@ -11,6 +11,7 @@ fixture bit-for-bit. Distribution (DDP work split, FSDP2 all-to-all) lives in :m
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -22,9 +23,12 @@ from torch.distributed.tensor import DTensor
 
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.optim import dion2_distributed as _dist
-from neobert_pt.optim.orthogonalize import orthogonalize
+from neobert_pt.optim.orthogonalize import note_eager_fallback, orthogonalize
 from neobert_pt.optim.qk_clip import build_qk_clip
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
+from neobert_pt.optim.scalar_opts import adamw_step, lion_step
+
+logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("dion2", "adamw", "lion")
 ADJUST_LR_MODES = ("spectral_norm", "rms_norm", None)
@@ -79,23 +83,34 @@ class Dion2(torch.optim.Optimizer):
         weight_decay: float = 0.01,
         epsilon: float = 1e-8,
         adjust_lr: str | None = "spectral_norm",
-        use_polar_express: bool = True,
-        selection_scope: str = "local",
         flatten: bool = False,
+        use_triton: bool = False,
+        use_polar_express: bool = True,
+        use_gram_newton_schulz: bool = False,
         newton_schulz_func: OrthFn | None = None,
+        verbose: bool = False,
+        triton_post_ortho: bool = False,
+        selection_scope: str = "local",
+        *,
+        fast_cpu_orthogonalization: bool = False,
     ) -> None:
         if lr < 0:
             raise ValueError(f"invalid lr {lr}")
-        if flatten:
-            raise NotImplementedError("flatten=True is not supported; NeoBERT has only 2-D matrices")
+        note_eager_fallback(
+            "Dion2", use_triton=use_triton, use_gram_newton_schulz=use_gram_newton_schulz,
+            triton_post_ortho=triton_post_ortho,
+        )
         defaults = dict(
             lr=lr, ef_decay=ef_decay, fraction=float(fraction), beta1=betas[0], beta2=betas[1],
-            weight_decay=weight_decay, epsilon=epsilon, flatten=False, adjust_lr=adjust_lr,
+            weight_decay=weight_decay, epsilon=epsilon, flatten=flatten, adjust_lr=adjust_lr,
             algorithm="dion2", step=0, selection_scope=selection_scope, split_rows=1,
+            fast_cpu_orthogonalization=fast_cpu_orthogonalization,
         )
         self._mesh_kind, self._group, self._mesh = _dist.resolve_mesh(distributed_mesh)
         self._orth: OrthFn | None = newton_schulz_func
         self._orth_method = "polar_express" if use_polar_express else "newton_schulz"
+        self._verbose = verbose
+        self._reported_shapes: set[tuple] = set()
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -134,6 +149,8 @@ class Dion2(torch.optim.Optimizer):
                     raise ValueError(f"dion2 groups take matrices (ndim >= 2); got a tensor of shape {tuple(p.shape)}")
                 if p.shape[-2] % group["split_rows"]:
                     raise ValueError(f"split_rows={group['split_rows']} does not divide {p.shape[-2]} rows")
+                if group["flatten"] and p.ndim > 2 and (group["split_rows"] != 1 or isinstance(p, DTensor)):
+                    raise ValueError("flatten=True applies to unsharded params without split_rows")
 
     def _init_state(self, p: Tensor, algorithm: str) -> None:
         """Pre-populate state for every param so the key set is identical on every rank (DCP needs that)."""
@@ -176,10 +193,10 @@ class Dion2(torch.optim.Optimizer):
                     fn(group)
         return loss
 
-    def _orthogonalize(self, x: Tensor, eps: float) -> Tensor:
+    def _orthogonalize(self, x: Tensor, eps: float, fast_cpu: bool) -> Tensor:
         if self._orth is not None:
             return self._orth(x, epsilon=eps)
-        return orthogonalize(x, method=self._orth_method, eps=eps)
+        return orthogonalize(x, method=self._orth_method, eps=eps, fast_cpu=fast_cpu)
 
     def _step_dion2(self, group: dict[str, Any]) -> None:
         lr = torch.tensor(group["lr"], dtype=torch.float32)
@@ -190,7 +207,7 @@ class Dion2(torch.optim.Optimizer):
                 continue
             layout = _dist.classify(p, self._mesh_kind, self._mesh)
             buckets[(tuple(p.shape), p.dtype, layout)].append(p)
-        orth = lambda x: self._orthogonalize(x, group["epsilon"])  # noqa: E731
+        orth = lambda x: self._orthogonalize(x, group["epsilon"], group["fast_cpu_orthogonalization"])  # noqa: E731
         for (shape, _, layout), params in buckets.items():
             if layout == "row_sharded":
                 rows, cols = shape[-2], shape[-1]
@@ -205,18 +222,25 @@ class Dion2(torch.optim.Optimizer):
 
     def _dense_bucket(self, params: list[Tensor], group: dict[str, Any], lr: Tensor, decay: Tensor, orth: OrthFn) -> None:
         """Same-shape unsharded matrices (or batch-sharded stacks): select locally, orthogonalise as one batch."""
-        split = group["split_rows"]
-        rows, cols = params[0].shape[-2] // split, params[0].shape[-1]
+        shape = params[0].shape
+        if group["flatten"] and len(shape) > 2:  # each param is one (shape[0], prod(rest)) matrix
+            rows, cols = shape[0], math.prod(shape[1:])
+        else:
+            rows, cols = shape[-2] // group["split_rows"], shape[-1]
         select_rows = rows <= cols
         dim = 1 if select_rows else 2
         k = num_selected(group["fraction"], rows if select_rows else cols)
         neg_lr = -adjusted_lr(lr, rows, cols, group["adjust_lr"])
+        if self._verbose and (tuple(shape), rows, cols) not in self._reported_shapes:
+            self._reported_shapes.add((tuple(shape), rows, cols))
+            logger.info("Dion2: param %s -> %dx%d matrices, selecting %d %s", tuple(shape), rows, cols, k,
+                        "rows" if select_rows else "columns")
         ms = [_local(self.state[p]["momentum"]) for p in params]
         torch._foreach_add_(ms, [_local(p.grad).to(m.dtype) for p, m in zip(params, ms, strict=True)])
         # One stacked copy of the bucket's momenta: norms, top-k and gather run once for the whole bucket.
         m3s = [m.view(-1, rows, cols) for m in ms]
         stack = torch.cat(m3s) if len(m3s) > 1 else m3s[0]
-        idx = stack.abs().sum(dim=3 - dim).topk(k, dim=-1, sorted=False).indices
+        idx = stack.norm(p=1, dim=3 - dim).topk(k, dim=-1, sorted=False).indices
         idx = idx.unsqueeze(2).expand(-1, -1, cols) if select_rows else idx.unsqueeze(1).expand(-1, rows, -1)
         selected = stack.gather(dim, idx)
         decayed = selected * group["ef_decay"]
@@ -238,45 +262,30 @@ class Dion2(torch.optim.Optimizer):
             w.view(-1, rows, cols).scatter_add_(dim, i, u)
 
     def _step_lion(self, group: dict[str, Any]) -> None:
-        """Lion with one multi-tensor kernel per op (same per-element maths as a per-tensor loop)."""
+        """Lion (shared implementation: scalars in fp32, upstream's op order)."""
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        lr, wd, beta1, beta2 = group["lr"], group["weight_decay"], group["beta1"], group["beta2"]
-        w = [_local(p) for p in params]
-        g = [_local(p.grad) for p in params]
-        m = [_local(self.state[p]["momentum"]) for p in params]
-        update = torch._foreach_lerp(m, g, 1 - beta1)
-        torch._foreach_sign_(update)
-        torch._foreach_lerp_(m, g, 1 - beta2)
-        if wd:
-            torch._foreach_mul_(w, 1 - lr * wd)
-        torch._foreach_add_(w, update, alpha=-lr)
+        lion_step(
+            [_local(p) for p in params],
+            [_local(p.grad) for p in params],
+            [_local(self.state[p]["momentum"]) for p in params],
+            lr=group["lr"], beta1=group["beta1"], beta2=group["beta2"], weight_decay=group["weight_decay"],
+            cautious_wd=group.get("cautious_wd", False),
+        )
 
     def _step_adamw(self, group: dict[str, Any]) -> None:
-        """Decoupled AdamW through torch's fused kernel: one pass over each tensor, on CPU and GPU alike.
-
-        The per-param step counters are fp32 device tensors read by the kernel, so bias correction never syncs.
-        """
+        """Decoupled AdamW (shared implementation; per-parameter fp32 step counters, so bias correction never
+        syncs and a parameter that skipped steps is corrected for its own count)."""
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
         states = [self.state[p] for p in params]
-        lists = [
+        adamw_step(
             [_local(p) for p in params],
             [_local(p.grad) for p in params],
             [_local(s["momentum"]) for s in states],
             [_local(s["variance"]) for s in states],
             [s["step_dev"] for s in states],
-        ]
-        for (w, g, m, v, t), _ in torch.optim.Optimizer._group_tensors_by_device_and_dtype(lists).values():
-            torch._foreach_add_(t, 1)
-            torch._fused_adamw_(
-                w, g, m, v, [], t, lr=group["lr"], beta1=group["beta1"], beta2=group["beta2"],
-                weight_decay=group["weight_decay"], eps=group["epsilon"], amsgrad=False, maximize=False,
-            )
-
-
+            lr=group["lr"], beta1=group["beta1"], beta2=group["beta2"], weight_decay=group["weight_decay"],
+            eps=group["epsilon"], cautious_wd=group.get("cautious_wd", False),
+        )
 
 UPSTREAM_INSTALL = "pip install 'git+https://github.com/microsoft/dion.git'"
 
@@ -322,12 +331,16 @@ def build_dion2(ctx: OptimizerContext) -> BuiltOptimizer:
         if spec.kind == "matrix":
             group = {"params": spec.params, "algorithm": "dion2", "lr": matrix_lr, "weight_decay": cfg.weight_decay}
             if native:
-                group.update(name=spec.name, split_rows=spec.split_rows)
+                group.update(
+                    name=spec.name, split_rows=spec.split_rows,
+                    fast_cpu_orthogonalization=dc.fast_cpu_orthogonalization,
+                )
             groups.append(group)
             log_lines.append(
                 f"dion2 group {spec.name}: dion2 lr={matrix_lr:g} wd={cfg.weight_decay:g} fraction={dc.fraction:g} "
                 f"ef_decay={dc.ef_decay:g} adjust_lr={dc.adjust_lr} {dc.orthogonalization} "
                 f"split_rows={spec.split_rows if native else 1}"
+                + (" fast_cpu_orthogonalization" if native and dc.fast_cpu_orthogonalization else "")
             )
         else:
             group = {"params": spec.params, "algorithm": dc.scalar_algorithm, "lr": ctx.peak_lr, "weight_decay": 0.0}

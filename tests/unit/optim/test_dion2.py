@@ -176,7 +176,7 @@ def test_fraction_one_equals_muon_without_nesterov() -> None:
     w_d, opt_d, _ = _run(shape, grads, lr=lr, fraction=1.0, ef_decay=mu)
     torch.manual_seed(0)
     w_m = torch.nn.Parameter(torch.randn(shape) * 0.1)
-    opt_m = Muon([w_m], lr=lr, momentum=mu, nesterov=False)
+    opt_m = Muon([w_m], lr=lr, mu=mu, nesterov=False)
     for g in grads:
         w_m.grad = g
         opt_m.step()
