@@ -8,6 +8,7 @@ is not selected is ignored with a warning (see :func:`neobert_pt.config.loader.l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -229,3 +230,19 @@ class OptimizerConfig:
     dion2_config: Dion2Config = option(Dion2Config, "Settings used when name is 'dion2'.")
     dion_config: DionConfig = option(DionConfig, "Settings used when name is 'dion'.")
     dana_config: DanaConfig = option(DanaConfig, "Settings used by the DANA family and adamw-decaying-wd.")
+
+    def __post_init__(self) -> None:
+        """The shared hyperparameters, checked here so a bad value is one line naming the key (not torch's
+        ``Invalid learning rate`` or an ``IndexError`` at optimizer construction)."""
+        lr, betas = self.lr, self.betas
+        checks = (
+            ("lr", lr == "auto" or (math.isfinite(lr) and lr > 0), "a finite number > 0 or 'auto'"),
+            ("betas", len(betas) == 2, "a list of two numbers, e.g. [0.9, 0.98]"),
+            ("betas", all(math.isfinite(b) and 0 <= b < 1 for b in betas), "two numbers in [0, 1)"),
+            ("eps", math.isfinite(self.eps) and self.eps > 0, "a finite number > 0"),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+        )
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"optimizer.{key}={getattr(self, key)!r} is invalid: must be {allowed}; "
+                                  f"set --optimizer.{key} to a valid value.")

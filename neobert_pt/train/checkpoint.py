@@ -1,34 +1,49 @@
-"""Checkpoints that never lose work: ``OUTPUT_DIR/checkpoints/step_<N>/``.
+"""Checkpoints that never lose work and never run code: ``OUTPUT_DIR/checkpoints/step_<N>/``.
 
-Contract (see docs/contracts.md and style.md §3.7):
+Contract (see docs/contracts.md, docs/reliability.md and style.md §3.7):
 
 * a save is written to ``checkpoints/.tmp_step_<N>/`` by every rank, fsynced, sealed with a ``COMPLETE`` marker
-  (step, world size and the size of every file), then atomically renamed to ``step_<N>/``; the ``latest`` pointer
-  (a tiny text file, itself replaced atomically) is updated last. A process killed at any moment therefore leaves
-  either the previous state or the new one, never a half checkpoint that looks whole;
-* a folder counts as a checkpoint only if its marker exists and every listed file has its recorded size; anything
-  else is reported as incomplete/corrupt and the newest good one is used (``latest``) or offered (explicit path);
-* contents: ``accelerator.save_state`` (model — sharded DCP under FSDP2 —, optimizer, the scheduler and trainer
-  counters registered with ``register_for_checkpointing``, python/numpy/torch RNG of every rank), one
-  ``rank_state_<r>.pt`` per rank (that rank's data-loader position: accelerate stores custom objects from rank 0
-  only), and the resolved ``config.yaml``;
+  (step, world size, and the size and BLAKE2b digest of every file), then atomically renamed to ``step_<N>/``; the
+  ``latest`` pointer (a tiny text file, itself replaced atomically) is updated last. A process killed at any moment
+  therefore leaves either the previous state or the new one, never a half checkpoint that looks whole;
+* a folder counts as a checkpoint only if its marker exists and every listed file has its recorded size
+  (:func:`verify`, cheap); before a checkpoint is loaded its digests are checked too (``verify(deep=True)``), and a
+  mismatch falls back to the previous good checkpoint with a warning naming the file;
+* ``latest`` is the pointer's target — the current timeline. After a rewind (resuming from an older step) newer
+  folders of the abandoned timeline are ignored and reported, never picked because their number is larger;
+* contents, all in formats that cannot execute code when read: ``accelerator.save_state`` (model safetensors — or
+  sharded DCP under FSDP2 —, ``optimizer.bin`` read back with ``weights_only=True``), ``trainer_state.json`` (step,
+  tokens, counters), one ``rank_state_<r>.json`` per rank (its data-loader position and its python / numpy / torch
+  RNG states) and the resolved ``config.yaml``. accelerate's RNG pickles are not kept and nothing is registered as
+  an accelerate custom object (those are pickles read with ``weights_only=False``). :func:`check_loadable` vets
+  every file before anything is loaded: a file that would need arbitrary unpickling is refused, naming it;
 * retention keeps the newest ``save_total_limit`` complete checkpoints; the newest complete one is never deleted,
-  and a failed delete is logged, not raised.
+  and a failed delete is logged, not raised;
+* a failed save (disk full, read-only file system) removes its temporary folder and raises
+  :class:`CheckpointSaveError` saying what failed and which step ``latest`` still points at.
 
 Every public method that touches the filesystem is entered by all ranks (the barriers are collectives).
 """
 
 from __future__ import annotations
 
+import base64
+import errno
+import hashlib
 import json
 import logging
 import os
+import pickle
+import random
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -39,12 +54,23 @@ LATEST = "latest"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp_step_"
 CONFIG_FILE = "config.yaml"
-RANK_STATE = "rank_state_{rank}.pt"
+TRAINER_STATE = "trainer_state.json"
+RANK_STATE = "rank_state_{rank}.json"
+FORMAT_VERSION = 2
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+_HASH_CHUNK = 1 << 22
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used or an output directory cannot be written; the message says what to do."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (disk full, read-only, ...); ``latest`` still points at the previous one."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file would need arbitrary code to load (e.g. a pickle); it was refused, not executed."""
 
 
 def _fsync_file(path: Path) -> None:
@@ -66,12 +92,21 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so a reader sees the old or the new content, never a partial file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE2b-128 hex digest of a file (fast, stdlib; an integrity check, not a signature)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def step_of(path: Path) -> int | None:
@@ -80,8 +115,12 @@ def step_of(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def verify(path: Path) -> str | None:
-    """None when ``path`` is a complete checkpoint, else a one-line reason why it is not."""
+def verify(path: Path, *, deep: bool = False) -> str | None:
+    """None when ``path`` is a complete checkpoint, else a one-line reason why it is not.
+
+    The cheap check compares file sizes with the marker; ``deep=True`` also recomputes every file's digest (done
+    before loading, so same-size corruption or tampering is caught).
+    """
     path = Path(path)
     if not path.is_dir():
         return f"{path} does not exist"
@@ -89,22 +128,174 @@ def verify(path: Path) -> str | None:
     if not marker.is_file():
         return f"{path} has no {MARKER} marker (the save was interrupted)"
     try:
-        meta = json.loads(marker.read_text())
+        meta = json.loads(marker.read_text(encoding="utf-8"))
         files = meta["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        return f"{path}/{MARKER} is unreadable ({e})"
-    for rel, size in files.items():
+        entries = {rel: (e if isinstance(e, dict) else {"size": e}) for rel, e in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        return f"{path}/{MARKER} is unreadable ({type(e).__name__})"
+    for rel, entry in entries.items():
         f = path / rel
         if not f.is_file():
             return f"{path} is missing {rel}"
-        if f.stat().st_size != size:
-            return f"{path}/{rel} has {f.stat().st_size} bytes, the marker recorded {size} (corrupt)"
+        if f.stat().st_size != entry.get("size"):
+            return f"{path}/{rel} has {f.stat().st_size} bytes, the marker recorded {entry.get('size')} (corrupt)"
+    if deep:
+        for rel, entry in entries.items():
+            if "blake2b" in entry and file_digest(path / rel) != entry["blake2b"]:
+                return f"{path}/{rel} does not match the digest recorded at save time (corrupt or modified)"
     return None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
     """The marker's metadata (step, world_size, files) of a complete checkpoint."""
-    return json.loads((Path(path) / MARKER).read_text())
+    return json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+
+
+# ---- RNG states as JSON (instead of accelerate's pickled random_states_<r>.pkl) ----------------------------------
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's python, numpy, torch (and CUDA) RNG states as plain JSON values."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# ---- vetting files before anything is loaded --------------------------------------------------------------------
+_DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Reads a DCP ``.metadata`` file allowing only the metadata classes torch writes there (no callables)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def check_loadable(path: Path) -> None:
+    """Vet every file of checkpoint ``path`` without executing anything; raise :class:`UnsafeCheckpointError`
+    naming the first file that would need arbitrary unpickling or is not in the format its name says."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            if f.suffix == ".pkl":
+                raise ValueError("a pickle file; neobert_pt never writes one and will not unpickle it")
+            if f.suffix == ".json" or f.name == MARKER:
+                json.loads(f.read_text(encoding="utf-8"))
+            elif f.suffix == ".yaml":
+                from neobert_pt.config.yamlio import parse_yaml
+
+                parse_yaml(f.read_text(encoding="utf-8"))
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+            elif f.suffix in (".bin", ".pt"):
+                if not zipfile.is_zipfile(f):
+                    raise ValueError("not a torch zip archive")
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
+            elif f.name == ".metadata":  # DCP (FSDP2): torch reads it with plain pickle, so vet it first
+                with open(f, "rb") as fh:
+                    _DcpMetadataUnpickler(fh).load()
+        except Exception as e:  # noqa: BLE001 - every failure means: refuse this file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UnsafeCheckpointError(
+                f"refusing to load checkpoint file {f}: {reason[:300]}. Nothing from it was executed; "
+                "restore the file from a trusted copy or resume from another checkpoint"
+            ) from None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _describe_os_error(err: BaseException, where: Path) -> str:
+    """Say why a write failed in words (torch reports a full disk as ``basic_ios::clear: iostream error``)."""
+    code = getattr(err, "errno", None)
+    if code is None:
+        try:
+            if shutil.disk_usage(where).free < (1 << 20):
+                code = errno.ENOSPC
+            elif not os.access(where, os.W_OK):
+                code = errno.EROFS
+        except OSError:
+            pass
+    if code == errno.ENOSPC:
+        return f"no space left on the device holding {where}"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where} is not writable ({os.strerror(code)})"
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{type(err).__name__}: {text}"
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` if needed and prove it accepts a small write; a one-line error otherwise."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is a file, not a directory; choose another "
+                              "--trainer.output_dir or remove the file")
+    probe = directory / f".write_test_{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {directory}: {_describe_os_error(e, directory)}; fix the "
+                              "permissions / free space or choose another --trainer.output_dir") from None
+
+
+@dataclass
+class Restored:
+    """What :meth:`Checkpointer.load` hands back besides the accelerator-managed model and optimizer."""
+
+    step: int
+    trainer_state: dict[str, Any]  # TrainState counters (rank 0's view; identical on every rank)
+    rank_state: dict[str, Any]  # this rank's data position ("data") and anything else the caller saved
+    config_text: str | None  # the checkpoint's resolved config.yaml
 
 
 class Checkpointer:
@@ -124,6 +315,7 @@ class Checkpointer:
         self.save_steps = save_steps
         self.save_total_limit = save_total_limit
         self.max_steps = max_steps
+        self.parent_id: str | None = None  # id of the checkpoint this process's state descends from
 
     # ---- queries (pure filesystem, any rank) -------------------------------------------------------------------
     def step_dirs(self) -> list[Path]:
@@ -134,26 +326,73 @@ class Checkpointer:
         return sorted(dirs, key=lambda p: step_of(p))
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints (sizes match the marker), oldest first."""
         return [p for p in self.step_dirs() if verify(p) is None]
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint. Prefers the ``latest`` pointer; a bad target falls back with a warning."""
+    def _pointer_target(self) -> Path | None:
         pointer = self.root / LATEST
-        if pointer.is_file():
-            target = self.root / pointer.read_text().strip()
-            reason = verify(target)
+        if not pointer.is_file():
+            return None
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return self.root / name if step_of(Path(name)) is not None else None
+
+    def _descendants(self, target: Path) -> Path:
+        """A save killed between its rename and the pointer update leaves a complete child of ``target`` newer than
+        the pointer: follow such children (matched by the parent id in their marker), nothing else."""
+        current = target
+        while True:
+            try:
+                current_id = read_meta(current).get("id")
+            except (OSError, ValueError):
+                return current
+            child = next((p for p in reversed(self.complete()) if step_of(p) > step_of(current) and current_id
+                          and read_meta(p).get("parent_id") == current_id), None)
+            if child is None:
+                return current
+            current = child
+
+    def _first_good(self, candidates: list[Path]) -> tuple[Path | None, list[str]]:
+        """The newest candidate passing the deep check, and the reasons the newer ones failed."""
+        reasons = []
+        for p in reversed(candidates):
+            reason = verify(p, deep=True)
             if reason is None:
-                newer = [p for p in self.complete() if step_of(p) > step_of(target)]
-                return newer[-1] if newer else target
-            good = self.complete()
-            logger.warning(
-                "checkpoint %s is not usable: %s; %s", target, reason,
-                f"using the previous good checkpoint {good[-1]}" if good else "no complete checkpoint is left",
-            )
-            return good[-1] if good else None
-        good = self.complete()
-        return good[-1] if good else None
+                return p, reasons
+            reasons.append(reason)
+        return None, reasons
+
+    def latest(self) -> Path | None:
+        """The checkpoint to resume on the current timeline, verified deeply (digests).
+
+        The ``latest`` pointer decides; folders newer than its target that do not descend from it (an abandoned
+        timeline after a rewind) are ignored and reported. A target that fails verification falls back to the
+        previous good checkpoint with a warning naming the file.
+        """
+        target = self._pointer_target()
+        if target is None:  # no pointer (first save was killed before publishing it): newest complete one
+            found, reasons = self._first_good(self.complete())
+            for r in reasons:
+                logger.warning("checkpoint not usable: %s", r)
+            return found
+        if verify(target) is None:
+            target = self._descendants(target)
+        abandoned = [p.name for p in self.step_dirs() if step_of(p) > step_of(target)]
+        if abandoned:
+            logger.warning("ignoring %s: newer than %s, which `latest` points at (an abandoned timeline after a "
+                           "rewind, or an interrupted save)", ", ".join(abandoned), target.name)
+        reason = verify(target, deep=True)
+        if reason is None:
+            return target
+        older = [p for p in self.complete() if step_of(p) < step_of(target)]
+        found, reasons = self._first_good(older)
+        for r in reasons:
+            logger.warning("checkpoint not usable: %s", r)
+        logger.warning("checkpoint %s is not usable: %s; %s", target, reason,
+                       f"using the previous good checkpoint {found}" if found else "no complete checkpoint is left")
+        return found
 
     def should_save(self, step: int) -> bool:
         """Every ``save_steps`` optimizer steps, and always at the final step."""
@@ -163,36 +402,41 @@ class Checkpointer:
     def resolve_resume(self, mode: str | bool | None) -> Path | None:
         """Map ``trainer.resume_from_checkpoint`` to a checkpoint folder or None (fresh start).
 
-        ``latest`` / ``true``: newest complete checkpoint of this run (None when there is none yet, so the same
-        command starts and resumes a run). ``false`` / null: fresh start. A path: that checkpoint, which must be
-        complete; otherwise the error names the newest complete one to use instead.
+        ``latest`` / ``true``: the current timeline's newest good checkpoint (None when the run has no checkpoint
+        folder yet, so the same command starts and resumes a run; an error when folders exist but none is usable).
+        ``false`` / null: fresh start. A path: that checkpoint, which must pass the deep check; otherwise the error
+        names the newest good one to use instead.
         """
         if mode is None or mode is False or str(mode).lower() in ("false", "none", "null", ""):
             return None
         if mode is True or str(mode).lower() in ("latest", "true"):
             found = self.latest()
-            if found is None:
-                bad = self.step_dirs()
-                if bad:
-                    logger.warning("no complete checkpoint in %s (incomplete: %s); starting fresh",
-                                   self.root, ", ".join(p.name for p in bad))
+            if found is None and self.step_dirs():
+                raise CheckpointError(
+                    f"--trainer.resume_from_checkpoint latest: no usable checkpoint in {self.root} "
+                    f"(found {', '.join(p.name for p in self.step_dirs())}, none complete and intact); pass a "
+                    "checkpoint path, or start over with --trainer.resume_from_checkpoint false "
+                    "--trainer.overwrite_output_dir true"
+                )
             return found
         path = Path(str(mode))
         if path.is_dir() and (path / CHECKPOINTS_DIR).is_dir():  # an output dir was given: take its latest
             return Checkpointer(self.accelerator, path, save_steps=None, save_total_limit=None,
                                 max_steps=self.max_steps).resolve_resume("latest")
-        reason = verify(path)
+        reason = verify(path, deep=True)
         if reason is not None:
             parent = Checkpointer(self.accelerator, path.parent.parent, save_steps=None, save_total_limit=None,
                                   max_steps=self.max_steps)
-            good = parent.complete() if path.parent.name == CHECKPOINTS_DIR else self.complete()
-            hint = (f"; the newest complete checkpoint is {good[-1]}: pass --trainer.resume_from_checkpoint {good[-1]}"
+            good, _ = (parent if path.parent.name == CHECKPOINTS_DIR else self)._first_good(
+                (parent if path.parent.name == CHECKPOINTS_DIR else self).complete())
+            hint = (f"; the newest good checkpoint is {good}: pass --trainer.resume_from_checkpoint {good}"
                     if good else "")
             raise CheckpointError(f"cannot resume: {reason}{hint}")
         return path
 
     def check_output_dir(self, *, resuming: bool, overwrite: bool) -> None:
-        """Refuse to start a fresh run on top of another run's checkpoints (all ranks call; rank 0 cleans)."""
+        """Refuse to start a fresh run on top of another run's checkpoints and prove the run directory and its
+        checkpoints folder are writable now, not at the first save (all ranks call; rank 0 cleans and probes)."""
         existing = self.step_dirs()
         if existing and not resuming:
             if not overwrite:
@@ -204,43 +448,60 @@ class Checkpointer:
             if self.accelerator.is_main_process:
                 logger.warning("trainer.overwrite_output_dir: removing the previous run's checkpoints in %s", self.root)
                 shutil.rmtree(self.root, ignore_errors=True)
-        if self.accelerator.is_main_process and self.root.is_dir():
+        if self.accelerator.is_main_process:
+            check_writable(self.root.parent)
+            check_writable(self.root)
             for stale in self.root.glob(f"{TMP_PREFIX}*"):  # leftovers of an interrupted save
                 shutil.rmtree(stale, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
     # ---- save / load (collective: every rank enters) ----------------------------------------------------------
-    def save(self, step: int, *, rank_state: dict[str, Any], write_config: Callable[[Path], None]) -> Path:
-        """Write ``step_<step>`` atomically. Every rank calls this with its own ``rank_state``."""
+    def save(self, step: int, *, rank_state: dict[str, Any], write_config: Callable[[Path], None],
+             trainer_state: dict[str, Any] | None = None) -> Path:
+        """Write ``step_<step>`` atomically. Every rank calls this with its own ``rank_state`` (JSON values);
+        ``trainer_state`` (JSON values, the same on every rank) is written by the main process."""
         acc = self.accelerator
         rank = acc.process_index
         tmp = self.root / f"{TMP_PREFIX}{step}"
         final = self.root / f"{STEP_PREFIX}{step}"
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))
+            for pkl in tmp.glob(f"random_states_{rank}.pkl"):  # kept as JSON below; never unpickled
+                pkl.unlink()
+            _write_json(tmp / RANK_STATE.format(rank=rank), {**rank_state, "rng": capture_rng()})
+            if acc.is_main_process:
+                _write_json(tmp / TRAINER_STATE, {"step": step, **(trainer_state or {})})
+                write_config(tmp / CONFIG_FILE)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                self._seal_and_publish(tmp, final, step, acc.num_processes)
+        except (OSError, RuntimeError) as e:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            current = self._pointer_target()
+            raise CheckpointSaveError(
+                f"saving checkpoint step_{step} failed: {_describe_os_error(e, self.root)}; nothing was published "
+                f"and `latest` still points at {current.name if current else 'no checkpoint'}"
+            ) from None
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        rank_file = tmp / RANK_STATE.format(rank=rank)
-        torch.save(rank_state, rank_file)
-        _fsync_file(rank_file)
-        if acc.is_main_process:
-            write_config(tmp / CONFIG_FILE)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self._seal_and_publish(tmp, final, step, acc.num_processes)
             self._prune()
         acc.wait_for_everyone()
+        self.parent_id = read_meta(final).get("id")
         return final
 
     def _seal_and_publish(self, tmp: Path, final: Path, step: int, world_size: int) -> None:
-        files: dict[str, int] = {}
+        files: dict[str, dict[str, Any]] = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             _fsync_file(f)
-            files[str(f.relative_to(tmp))] = f.stat().st_size
+            files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "blake2b": file_digest(f)}
         for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             _fsync_dir(d)
-        marker = {"step": step, "world_size": world_size, "files": files}
+        marker = {"format": FORMAT_VERSION, "step": step, "world_size": world_size,
+                  "id": os.urandom(8).hex(), "parent_id": self.parent_id, "files": files}
         atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1))
         if final.exists():  # re-saving a step (e.g. the final step after a resume): move the old one aside first
             trash = self.root / f".old_{final.name}"
@@ -257,29 +518,44 @@ class Checkpointer:
             return
         good = self.complete()
         keep = set(good[-self.save_total_limit:])
-        newest = good[-1] if good else None
+        newest = self._pointer_target() or (good[-1] if good else None)
         for p in self.step_dirs():
             if p in keep or p == newest:
                 continue
             if newest is not None and step_of(p) > step_of(newest):
-                continue  # an incomplete folder newer than the newest good one is left for inspection
+                continue  # newer than the current one (incomplete or abandoned timeline) is left for inspection
             try:
                 shutil.rmtree(p)
             except OSError as e:
                 logger.warning("could not delete old checkpoint %s: %s", p, e)
 
-    def load(self, path: Path) -> dict[str, Any]:
-        """Restore everything registered with the accelerator from ``path``; return this rank's ``rank_state``."""
+    def load(self, path: Path) -> Restored:
+        """Vet every file, then restore the model and optimizer (accelerate), this rank's RNG, and return the
+        trainer counters, this rank's state and the checkpoint's config. Every rank enters."""
         acc = self.accelerator
+        path = Path(path)
         meta = read_meta(path)
+        if meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{path} was written by an older neobert_pt (pickled trainer state, which is "
+                                  "never loaded); resume from a checkpoint written by this version")
         if meta.get("world_size") != acc.num_processes:
             raise CheckpointError(
                 f"{path} was written by {meta.get('world_size')} processes and this run has {acc.num_processes}; "
                 "the data position is per rank, so resume with the same number of processes"
             )
-        acc.load_state(str(path))
-        rank_state = torch.load(path / RANK_STATE.format(rank=acc.process_index), map_location="cpu",
-                                weights_only=False)
+        check_loadable(path)
+        try:
+            acc.load_state(str(path))
+        except Exception as e:  # noqa: BLE001 - the files passed the checks: report what the library said
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"cannot load the model/optimizer state of {path}: {type(e).__name__}: "
+                                  f"{first[:300]}") from None
+        rank_state = json.loads((path / RANK_STATE.format(rank=acc.process_index)).read_text(encoding="utf-8"))
+        restore_rng(rank_state.pop("rng"))
+        trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        config = path / CONFIG_FILE
         acc.wait_for_everyone()
+        self.parent_id = meta.get("id")
         logger.info("resumed from %s (step %s)", path, meta.get("step"))
-        return rank_state
+        return Restored(step=int(meta["step"]), trainer_state=trainer_state, rank_state=rank_state,
+                        config_text=config.read_text(encoding="utf-8") if config.is_file() else None)

@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from neobert_pt.config import config_to_dict, save_config
 from neobert_pt.config.schema import RunConfig
 from neobert_pt.optim import OptimizerContext, build_optimizer
-from neobert_pt.train import distributed
+from neobert_pt.train import distributed, resume
 from neobert_pt.train.checkpoint import Checkpointer
 from neobert_pt.train.metrics import METRICS_FILE, build_metric_logger, peak_memory_mb
 from neobert_pt.train.scheduler import build_scheduler, effective_warmup
@@ -43,7 +43,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainState:
-    """Trainer counters saved in every checkpoint (registered with ``accelerator.register_for_checkpointing``)."""
+    """Trainer counters saved in every checkpoint as ``trainer_state.json`` (plain JSON values)."""
 
     def __init__(self) -> None:
         self.step = 0  # optimizer steps done (skipped non-finite steps included: they consumed their data)
@@ -55,8 +55,9 @@ class TrainState:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        for key in vars(self):  # only known counters; anything else in the file is ignored
+            if key in state:
+                setattr(self, key, state[key])
 
 
 def _setup_logging(output_dir: Path, rank: int, is_main: bool) -> list[logging.Handler]:
@@ -141,16 +142,11 @@ class Trainer:
         self._raw_optimizer = built.optimizer
         self.optimizer = distributed.prepare_optimizer(acc, built.optimizer)
         self.scheduler = build_scheduler(built.optimizer, run.scheduler, self.max_steps)
-        self.state = TrainState()
-        acc.register_for_checkpointing(self.scheduler, self.state)
+        self.state = TrainState()  # saved as JSON by the checkpointer, never registered as a pickled object
 
         self.resumed_from_step: int | None = None
         if self.resume_path is not None:
-            rank_state = self.checkpointer.load(self.resume_path)
-            self.data.train.load_state_dict(rank_state["data"])
-            self.train_iter = iter(self.data.train)
-            self._apply_schedule_at(self.state.step)  # a larger max_steps re-shapes the decay from here on
-            self.resumed_from_step = self.state.step
+            self._resume(self.resume_path)
 
         self.metrics = build_metric_logger(
             acc.is_main_process, output_dir=self.output_dir, max_steps=self.max_steps, start_step=self.state.step,
@@ -162,13 +158,14 @@ class Trainer:
         self._log_startup(built.log_lines)
 
     # ---- set-up helpers ---------------------------------------------------------------------------------------
-    def _apply_schedule_at(self, step: int) -> None:
-        """Set every group's LR to the schedule's value at ``step`` (the checkpoint stores the old horizon's LR)."""
-        lrs = [base * fn(step) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True)]
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        self.scheduler._last_lr = lrs
-        logger.info("resumed at step %d with lr %.4g (max_steps %d)", step, lrs[0], self.max_steps)
+    def _resume(self, path: Path) -> None:
+        """Checkpoint state under the current config (resume.py): hyperparameters and schedule stay as configured."""
+        restored = resume.restore(self.checkpointer, path, run=self.run, model=self.unwrapped,
+                                  optimizer=self.optimizer, scheduler=self.scheduler)
+        self.state.load_state_dict(restored.trainer_state)
+        self.data.train.load_state_dict(restored.rank_state["data"])
+        self.train_iter = iter(self.data.train)
+        self.resumed_from_step = self.state.step
 
     def _log_startup(self, optimizer_lines: list[str]) -> None:
         t, acc = self.run.trainer, self.accelerator
@@ -311,7 +308,7 @@ class Trainer:
         if sync_for_checkpoint is not None:
             sync_for_checkpoint()
         self.checkpointer.save(
-            step, rank_state={"data": self.data.train.state_dict()},
+            step, rank_state={"data": self.data.train.state_dict()}, trainer_state=self.state.state_dict(),
             write_config=lambda path: save_config(self.run, path),
         )
 

@@ -136,8 +136,8 @@ def test_nonfinite_guard_skips_then_stops_with_a_checkpoint(tmp_path, monkeypatc
         trainer.close()
     ckpts = Checkpointer(None, tmp_path / "stop", save_steps=1, save_total_limit=None, max_steps=6)
     assert ckpts.latest().name == "step_3"
-    good = torch.load(ckpts.root / "step_1" / "rank_state_0.pt", weights_only=False)
-    assert good["data"] != torch.load(ckpts.root / "step_3" / "rank_state_0.pt", weights_only=False)["data"]
+    good = json.loads((ckpts.root / "step_1" / "rank_state_0.json").read_text())
+    assert good["data"] != json.loads((ckpts.root / "step_3" / "rank_state_0.json").read_text())["data"]
     from safetensors.torch import load_file
 
     w1, w3 = (load_file(ckpts.root / f"step_{s}" / "model.safetensors") for s in (1, 3))
@@ -208,3 +208,29 @@ def test_runbook_command_line(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)  # finished run: resumes
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed at step 4" in again.stdout + again.stderr
+
+
+def test_resume_takes_hyperparameters_from_the_current_config_and_logs_each_change(reference, tmp_path, caplog):
+    ref_out, *_ = reference
+    import shutil
+
+    shutil.copytree(ref_out / "checkpoints" / "step_3", tmp_path / "checkpoints" / "step_3")
+    (tmp_path / "checkpoints" / "latest").write_text("step_3\n")
+    cfg = tiny(tmp_path, "--trainer.resume_from_checkpoint", "latest", "--optimizer.lr", "1e-5",
+               "--optimizer.betas", "[0.8,0.9]", "--optimizer.weight_decay", "0.2", "--wandb.mode", "disabled")
+    with caplog.at_level("INFO"):
+        trainer = Trainer(cfg)
+    try:
+        assert trainer.state.step == 3
+        for group in trainer.optimizer.param_groups:
+            assert group["initial_lr"] == 1e-5 and tuple(group["betas"]) == (0.8, 0.9)
+            assert group["lr"] == pytest.approx(1e-5 * trainer.scheduler.lr_lambdas[0](3))
+            assert group["weight_decay"] in (0.0, 0.2)  # norms / embeddings never decay
+        assert any(g["weight_decay"] == 0.2 for g in trainer.optimizer.param_groups)
+        assert trainer.scheduler.get_last_lr()[0] == trainer.optimizer.param_groups[0]["lr"]
+        assert trainer.optimizer.state  # the moments came from the checkpoint
+    finally:
+        trainer.close()
+    for line in ("optimizer.lr 0.0006 → 1e-05", "optimizer.betas [0.9, 0.98] → [0.8, 0.9]",
+                 "optimizer.weight_decay 0.01 → 0.2"):
+        assert line in caplog.text
