@@ -50,8 +50,11 @@ python scripts/pretraining/pretrain.py --help                  # every key with 
 - Values parse as YAML 1.2, in the file and on the command line alike: `1e-4` is a float (PyYAML alone would read
   it as a string), only `true`/`false` are booleans, `[0.9,0.95]` is a list, `null` is None; anything else is a
   string. An int is accepted where a float is expected; booleans are strict (`1`, `yes` are not booleans).
-- `trainer.resume_from_checkpoint` accepts `latest` / `true` (newest complete checkpoint in `output_dir`, fresh start
-  if none), a path, or `false` / `null`; it is stored as `latest`, the path, or null.
+- `trainer.resume_from_checkpoint` accepts `latest` / `true` (the checkpoint the `latest` pointer names, verified;
+  fresh start if `output_dir` has no checkpoint folder yet, an error if it has some but none is usable), a path, or
+  `false` / `null`; it is stored as `latest`, the path, or null. On resume the checkpoint supplies the state
+  (weights, moments, step, data position, RNG) and the current config every hyperparameter and the schedule: each
+  setting that differs from the checkpoint's `config.yaml` is logged once (`optimizer.lr 0.0006 → 1e-05`).
 - The resolved config is written to `<trainer.output_dir>/config.yaml`; loading that file reproduces the run.
 
 ## Errors and warnings

@@ -160,8 +160,9 @@ class TrainerConfig:
     save_total_limit: int | None = option(3, "Keep at most N checkpoints (null: keep all).")
     resume_from_checkpoint: bool | str | None = option(
         None,
-        "'latest' or true: newest complete checkpoint in output_dir (fresh start if none); a checkpoint path; "
-        "null or false: start fresh. Resolved to 'latest', a path, or null.",
+        "'latest' or true: the checkpoint output_dir/checkpoints/latest names, verified (fresh start if there is no "
+        "checkpoint folder yet; an error if none is usable); a checkpoint path; null or false: start fresh. "
+        "Resolved to 'latest', a path, or null. Hyperparameters and schedule come from the current config.",
     )
     max_consecutive_nonfinite: int = option(
         5, "Stop (saving the last good state) after this many consecutive non-finite losses or grad norms."
