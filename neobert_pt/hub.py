@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,19 +70,38 @@ def count_parameters(model_dir: Path) -> int:
         raise HubError(f"no *.safetensors weights in {model_dir}")
     total = 0
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                n = 1
-                for dim in f.get_slice(key).get_shape():
-                    n *= dim
-                total += n
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    n = 1
+                    for dim in f.get_slice(key).get_shape():
+                        n *= dim
+                    total += n
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+            raise HubError(f"{file} is not a readable safetensors file ({type(err).__name__}: "
+                           f"{(str(err).splitlines() or [''])[0][:200]})") from None
     return total
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise HubError(f"{path} is not valid JSON ({err}); regenerate it or remove it") from None
+
+
+_ABS_PATH = re.compile(r"(?<![\w.])(/[^\s'\"]+)")
+
+
+def relative_paths(text: str, run_dir: Path | None) -> str:
+    """Publishable text: paths inside the run directory become relative (``./final``), other absolute local paths
+    keep only their last component (``<local>/corpus.jsonl``) — a card never reveals a local directory layout."""
+    if run_dir is not None:
+        for form in {str(run_dir.resolve()), str(run_dir)}:
+            text = text.replace(form + "/", "./").replace(form, ".")
+    return _ABS_PATH.sub(lambda m: f"<local>/{Path(m.group(1)).name}", text)
 
 
 def _fmt(value: Any) -> str:
@@ -138,12 +158,13 @@ def build_model_card(source: ExportSource, repo_id: str | None = None) -> str:
     ]
     run_config = source.run_dir / "config.yaml" if source.run_dir else None
     if run_config is not None and run_config.is_file():
-        lines += ["", "## Training configuration", "", "```yaml", run_config.read_text().rstrip(), "```"]
+        config_text = relative_paths(run_config.read_text(encoding="utf-8").rstrip(), source.run_dir)
+        lines += ["", "## Training configuration", "", "```yaml", config_text, "```"]
     summary = _read_json(source.run_dir / "summary.json") if source.run_dir else None
     if summary:
         scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
         lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in scalars.items()]
+        lines += [f"| {k} | {relative_paths(_fmt(v), source.run_dir)} |" for k, v in scalars.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -230,19 +251,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "push":
-            url = push(args.path, args.repo_id, private=args.private, revision=args.revision, token=args.token)
-            print(f"pushed {args.repo_id}: {url}")
-        else:
-            target = write_card(resolve_source(args.path), output=args.output, repo_id=args.repo_id)
-            print(f"wrote {target}")
-    except HubError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "push":
+        url = push(args.path, args.repo_id, private=args.private, revision=args.revision, token=args.token)
+        print(f"pushed {args.repo_id}: {url}")
+    else:
+        target = write_card(resolve_source(args.path), output=args.output, repo_id=args.repo_id)
+        print(f"wrote {target}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success; a :class:`HubError` (or any user error) is one line on stderr and exit 2."""
+    from neobert_pt.cli import run_cli
+
+    return run_cli(_main, argv, prog="python -m neobert_pt.hub")
 
 
 if __name__ == "__main__":

@@ -122,12 +122,19 @@ def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"Config file not found: {path}{where}. Pass an existing YAML file, e.g. "
             "configs/pretraining/pretrain_tiny.yaml."
         )
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"Config file {path} is not UTF-8 text (byte {err.start} cannot be decoded); save it as "
+                          "UTF-8.") from None
+    except OSError as err:
+        raise ConfigError(f"Config file {path} cannot be read: {err.strerror}.") from None
     try:
         data = parse_yaml(text)
     except Exception as err:  # yaml.YAMLError and its subclasses carry the line/column
-        raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
+        detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise ConfigError(f"Config file {path} is not valid YAML: {detail}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

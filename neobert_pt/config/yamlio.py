@@ -20,12 +20,28 @@ _REPLACED = {_BOOL_TAG, _INT_TAG, _FLOAT_TAG, _TIMESTAMP_TAG}
 
 
 class Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader whose bool/int/float resolution follows the YAML 1.2 core schema."""
+    """SafeLoader whose bool/int/float resolution follows the YAML 1.2 core schema, and which refuses a key given
+    twice in one mapping (PyYAML silently keeps the last: a repeated ``trainer:`` section would drop the first)."""
 
     yaml_implicit_resolvers = {
         first: [(tag, rx) for tag, rx in resolvers if tag not in _REPLACED]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first}); give each key once",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 class Yaml12Dumper(yaml.SafeDumper):

@@ -5,7 +5,9 @@ Also owns tokenization of documents into ``[CLS] tokens [SEP]`` id arrays and th
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -40,16 +42,45 @@ def load_documents(run: RunConfig, split: str, *, streaming: bool | None = None)
             ds = datasets.load_dataset("json", data_files=str(EMBEDDED_CORPUS), split="train", streaming=streaming,
                                        cache_dir=cfg.cache_dir)
         elif name in LOCAL_BUILDERS:
-            ds = datasets.load_dataset(name, data_files=_existing_files(name, cfg.data_files), split="train",
-                                       streaming=streaming, cache_dir=cfg.cache_dir)
+            with _quiet_builder_errors():  # a parse error becomes our one-line DataError below, not a log dump
+                ds = datasets.load_dataset(name, data_files=_existing_files(name, cfg.data_files), split="train",
+                                           streaming=streaming, cache_dir=cfg.cache_dir)
         else:
             ds = datasets.load_dataset(name, cfg.config_name, split=split, streaming=streaming,
                                        cache_dir=cfg.cache_dir, data_files=cfg.data_files)
     except DataError:
         raise
+    except datasets.exceptions.DatasetGenerationError as err:  # empty / malformed / non-UTF-8 local files
+        raise DataError(_generation_failure(name, cfg.data_files, err)) from err
+    except StopIteration:  # what `datasets` raises for an empty local file
+        raise DataError(f"dataset.data_files: {', '.join(cfg.data_files or [name])} holds no documents (empty "
+                        "file?); point dataset.data_files at a file with data.") from None
     except (ConnectionError, FileNotFoundError, ValueError) as err:
         raise DataError(_load_failure(name, cfg.config_name, split, err)) from err
     return _text_only(ds, cfg.text_column, name, cfg.max_documents)
+
+
+@contextlib.contextmanager
+def _quiet_builder_errors() -> Iterator[None]:
+    """The local builders log a parse failure at ERROR level before raising; the raise is reported instead."""
+    log = logging.getLogger("datasets.packaged_modules")
+    previous = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
+
+
+def _generation_failure(name: str, patterns: list[str] | None, err: BaseException) -> str:
+    """One line naming the files and the parser's own complaint (the root cause, where the file/line is)."""
+    cause: BaseException = err
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    detail = " ".join(str(cause).split())[:300] or type(cause).__name__
+    files = ", ".join(patterns or []) or name
+    return (f"dataset.data_files: the '{name}' builder could not read {files}: {type(cause).__name__}: {detail}. "
+            "Check that the file is non-empty, UTF-8 and in that format.")
 
 
 def _existing_files(builder: str, patterns: list[str] | None) -> list[str]:
@@ -116,9 +147,13 @@ def tokenize_documents(docs: datasets.Dataset, tokenizer: PreTrainedTokenizerFas
                        ) -> datasets.Dataset:
     """Tokenize with ``datasets.map`` (batched; cached by fingerprint, so a second run skips the work)."""
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-    return docs.map(partial(_tokenize_batch, tokenizer=tokenizer), batched=True, batch_size=1000,
-                    remove_columns=docs.column_names, features=features, num_proc=num_proc,
-                    desc="Tokenizing documents")
+    try:
+        return docs.map(partial(_tokenize_batch, tokenizer=tokenizer), batched=True, batch_size=1000,
+                        remove_columns=docs.column_names, features=features, num_proc=num_proc,
+                        desc="Tokenizing documents")
+    except UnicodeDecodeError as err:  # a non-UTF-8 (e.g. Latin-1) file is only noticed when the text is read
+        raise DataError(f"dataset.data_files: a document is not UTF-8 text ({err.reason} at byte {err.start}); "
+                        "re-encode the file(s) as UTF-8.") from None
 
 
 def iter_token_documents(docs: Iterable[dict], tokenizer: PreTrainedTokenizerFast) -> Iterator[np.ndarray]:

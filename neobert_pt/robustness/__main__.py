@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """User errors are one stderr line + exit 2 (neobert_pt/cli.py); ``--debug`` shows the traceback."""
+    from neobert_pt.cli import run_cli
+
+    return run_cli(_main, argv, prog="python -m neobert_pt.robustness")
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     profile = PROFILES[args.profile]
     extra = tuple(tok for item in args.override for tok in item.split(None, 1))

@@ -12,6 +12,7 @@ writing (console, metrics.jsonl, W&B, summary, final model files) is limited to 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -23,10 +24,11 @@ import torch
 from accelerate.utils import set_seed
 
 from neobert_pt.config import config_to_dict, save_config
+from neobert_pt.config.errors import ConfigError
 from neobert_pt.config.schema import RunConfig
 from neobert_pt.optim import OptimizerContext, build_optimizer
 from neobert_pt.train import distributed, resume
-from neobert_pt.train.checkpoint import Checkpointer
+from neobert_pt.train.checkpoint import Checkpointer, check_writable
 from neobert_pt.train.metrics import METRICS_FILE, build_metric_logger, peak_memory_mb
 from neobert_pt.train.scheduler import build_scheduler, effective_warmup
 from neobert_pt.train.summary import build_summary, read_metrics, summary_table, write_summary
@@ -76,12 +78,28 @@ def _setup_logging(output_dir: Path, rank: int, is_main: bool) -> list[logging.H
     return [file_handler, console]
 
 
+def _close_on_failure(init: Any) -> Any:
+    """A constructor that fails (bad data, checkpoint, ...) releases what it set up: log handlers, W&B, the
+    process group. Without this an in-process caller keeps the handlers of a trainer that never existed."""
+
+    @functools.wraps(init)
+    def wrapper(self: Trainer, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            self.close()
+            raise
+
+    return wrapper
+
+
 class Trainer:
     """Pretrains NeoBERT with masked language modelling as configured by ``run``.
 
     Usage: ``summary = Trainer(run).fit()`` then ``close()`` (also on the exception path).
     """
 
+    @_close_on_failure
     def __init__(self, run: RunConfig, *, accelerator: Any = None) -> None:
         from neobert_pt.data import build_data, build_tokenizer
         from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
@@ -93,9 +111,10 @@ class Trainer:
         set_seed(run.seed)  # python, numpy, torch: model init and everything else start from the seed
         self._owns_accelerator = accelerator is None
         self.accelerator = acc = accelerator or distributed.make_accelerator(tcfg.mixed_precision)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(self.output_dir)  # a file, read-only or full: one line now, not at the first save
         self._handlers = _setup_logging(self.output_dir, acc.process_index, acc.is_main_process)
         self.metrics: Any = None
+        self.exit_code = 0  # neobert_pt.cli.EXIT_INTERRUPTED after a signal-triggered save
 
         # Decide fresh start vs resume before anything is written into the run directory.
         self.checkpointer = Checkpointer(acc, self.output_dir, save_steps=tcfg.save_steps,
@@ -115,7 +134,8 @@ class Trainer:
         model_fields = asdict(run.model)
         vocab = model_fields.pop("vocab_size") or len(self.tokenizer)
         if vocab < len(self.tokenizer):
-            raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(self.tokenizer)} tokens)")
+            raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(self.tokenizer)} tokens); "
+                              "set it >= that or null")
         model = NeoBERTForMaskedLM(
             NeoBERTConfig(**model_fields, vocab_size=vocab, pad_token_id=self.tokenizer.pad_token_id)
         )
@@ -334,8 +354,8 @@ class Trainer:
             steps=self.state.step, tokens=self.state.tokens_seen, nonfinite_skipped=self.state.nonfinite_skipped,
             wall_time_sec=round(wall_time, 2), mode=distributed.mode(acc), world_size=acc.num_processes,
             optimizer=self.run.optimizer.name, params_m=round(self.num_params / 1e6, 3),
-            resumed_from_step=self.resumed_from_step, output_dir=str(self.output_dir),
-            config=str(self.output_dir / CONFIG_FILE),
+            resumed_from_step=self.resumed_from_step, output_dir=".",  # paths relative to the run directory
+            config=CONFIG_FILE,
         )
         if acc.is_main_process:
             records = read_metrics(self.output_dir / METRICS_FILE)
@@ -346,14 +366,14 @@ class Trainer:
 
     def close(self) -> None:
         """Flush writers, release log handlers and (when the trainer created it) end the accelerator's run."""
-        if self.metrics is not None:
+        if getattr(self, "metrics", None) is not None:
             self.metrics.close()
             self.metrics = None
         root = logging.getLogger("neobert_pt")
-        for h in self._handlers:
+        for h in getattr(self, "_handlers", []):
             root.removeHandler(h)
             h.close()
         self._handlers = []
-        if self._owns_accelerator:
+        if getattr(self, "_owns_accelerator", False):
             self._owns_accelerator = False
             self.accelerator.end_training()  # tears down the process group once, on both success and failure

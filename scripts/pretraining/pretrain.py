@@ -24,11 +24,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from neobert_pt.cli import run_cli  # noqa: E402
 from neobert_pt.config.cli import parse_args  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv, prog="pretrain.py")
+def _main(argv: list[str]) -> int:
+    cfg = parse_args(argv, prog="pretrain.py")
     # Imported after parsing so --help and --print-config stay fast and work without the training stack.
     from neobert_pt.train import Trainer
 
@@ -37,7 +38,14 @@ def main(argv: list[str] | None = None) -> None:
         trainer.fit()
     finally:
         trainer.close()
+    return trainer.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """User errors (config, data, checkpoint, output dir) end with one line on stderr and exit 2; ``--debug`` or
+    NEOBERT_DEBUG=1 shows the traceback. A SIGTERM/SIGINT-triggered save exits 75 (neobert_pt/cli.py)."""
+    return run_cli(_main, argv, prog="pretrain.py")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
