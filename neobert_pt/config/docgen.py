@@ -12,7 +12,15 @@ import sys
 
 from neobert_pt.config.loader import SUBBLOCK_OPTIMIZERS
 from neobert_pt.config.schema import RunConfig
-from neobert_pt.config.tree import Option, format_value, iter_options, section_doc, type_name
+from neobert_pt.config.tree import (
+    Option,
+    format_value,
+    iter_list_items,
+    iter_options,
+    section_doc,
+    section_list_item,
+    type_name,
+)
 
 DOC_COMMAND = "python -m neobert_pt.config.docgen > docs/configuration.md"
 SNAPSHOT_COMMAND = "python -m neobert_pt.config.docgen --snapshot > tests/unit/config/snapshot_keys.txt"
@@ -61,7 +69,7 @@ python scripts/pretraining/pretrain.py --help                  # every key with 
 
 - Unknown key: the message names the full dotted key and the closest valid one
   (`Unknown config key trainer.max_step. Did you mean trainer.max_steps?`).
-- Wrong type: the dotted key, the value and the expected type (`trainer.max_steps: cannot use 'x' (str); expected int.`).
+- Wrong type: the dotted key, the value and the expected type (`trainer.logging_steps: cannot use 'x' (str); expected int.`).
 - Bad choice: the allowed values (and the closest one).
 - Impossible combinations (checked once all overrides are applied) name the keys involved and how to fix them,
   e.g. `model.hidden_size` not divisible by `model.num_attention_heads`.
@@ -99,14 +107,20 @@ def markdown() -> str:
         out += _table(direct)
     if top_level:
         out += ["", "## Top level", ""] + _table(top_level)
+    for field, items in iter_list_items(RunConfig):
+        doc = section_doc(section_list_item(field.hint))
+        out += ["", f"## Each entry of `{field.key}`", "", f"Written as a YAML list of mappings under `{field.key}:` "
+                "(not as single dotted overrides). " + doc, ""]
+        out += _table(items)
     return "\n".join(out) + "\n"
 
 
 def snapshot() -> str:
     """One line per dotted key: ``key: type = default`` (sections excluded)."""
+    items = [i for _, entries in iter_list_items(RunConfig) for i in entries]
     return "".join(
         f"{o.key}: {type_name(o.hint)} = {format_value(o.default)}\n"
-        for o in iter_options(RunConfig)
+        for o in [*iter_options(RunConfig), *items]
         if not o.is_section
     )
 

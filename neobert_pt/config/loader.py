@@ -19,7 +19,15 @@ from typing import Any, Literal
 
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.config.schema import RunConfig
-from neobert_pt.config.tree import format_value, is_section_type, iter_options, type_hints, type_name, union_args
+from neobert_pt.config.tree import (
+    format_value,
+    is_section_type,
+    iter_options,
+    section_list_item,
+    type_hints,
+    type_name,
+    union_args,
+)
 from neobert_pt.config.yamlio import dump_yaml, parse_value, parse_yaml
 
 __all__ = [
@@ -27,6 +35,7 @@ __all__ = [
     "SUBBLOCK_OPTIMIZERS",
     "config_to_dict",
     "dump_config",
+    "key_sources",
     "load_config",
     "parse_overrides",
     "save_config",
@@ -62,6 +71,23 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
     values = _validate_section(RunConfig, tree, "", raw_text)
     _warn_unused_subblocks(values)
     return _build(RunConfig, values)
+
+
+def key_sources(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> dict[str, str]:
+    """Where each explicitly set dotted key came from: ``'file'`` or ``'override'`` (unlisted keys are defaults)."""
+    sources: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str, source: str) -> None:
+        if isinstance(node, Mapping):
+            for name, value in node.items():
+                walk(value, f"{prefix}{name}.", source)
+        elif prefix:
+            sources[prefix[:-1]] = source
+
+    walk(_read_file(path) if path is not None else {}, "", "file")
+    for key, text in parse_overrides(overrides or []):
+        walk(parse_value(text), f"{key}.", "override")
+    return sources
 
 
 def parse_overrides(tokens: list[str]) -> list[tuple[str, str]]:
@@ -179,9 +205,31 @@ def _validate_section(cls: type, data: Any, prefix: str, raw_text: dict[str, str
         hint = hints[name]
         if is_section_type(hint):
             out[name] = _validate_section(hint, value, key + ".", raw_text)
+        elif section_list_item(hint) is not None:
+            out[name] = _validate_section_list(section_list_item(hint), value, key, raw_text)
         else:
             out[name] = _coerce(value, hint, key, raw_text.get(key, _Unset))
     return out
+
+
+def _validate_section_list(item: type, data: Any, key: str, raw_text: dict[str, str]) -> list[Any]:
+    """A list of mappings, each checked against ``item`` (``phases``); entries are built here, in order."""
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise ConfigError(f"{key} must be a list of mappings (one per entry), got {format_value(data)!r}.")
+    built = []
+    for i, entry in enumerate(data):
+        where = f"{key}[{i}]"
+        if isinstance(entry, Mapping):
+            fields = list(type_hints(item))
+            for name in entry:
+                if name not in fields:
+                    close = difflib.get_close_matches(str(name), fields, n=1, cutoff=0.6)
+                    hint = f" Did you mean {where}.{close[0]}?" if close else f" Allowed keys: {', '.join(fields)}."
+                    raise ConfigError(f"Unknown config key {where}.{name}.{hint}")
+        built.append(_build(item, _validate_section(item, entry, where + ".", raw_text)))
+    return built
 
 
 def _coerce(value: Any, hint: Any, key: str, raw: Any) -> Any:
@@ -289,7 +337,7 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     hints = type_hints(cls)
     kwargs = {
         name: _build(hints[name], value) if is_section_type(hints[name]) else value for name, value in values.items()
-    }
+    }  # lists of sections arrive built by _validate_section_list
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -41,8 +41,18 @@ class ModelConfig:
     masked_logits_only: bool = option(
         True, "Compute the MLM decoder only on masked positions (same loss, far less compute)."
     )
+    scaling_rule: str | None = option(
+        None,
+        "Derive num_attention_heads / hidden_size / num_hidden_layers / intermediate_size from model.heads with "
+        "the named rule of neobert_pt/config/scaling_rules.yaml (replacing any values given for them); null: off.",
+    )
+    heads: int | None = option(None, "Head count fed to model.scaling_rule (required with it, unused without).")
 
     def __post_init__(self) -> None:
+        if self.scaling_rule is not None or self.heads is not None:
+            from neobert_pt.config.scaling import apply_scaling_rule
+
+            apply_scaling_rule(self)
         _require_positive(self, "model", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ConfigError(
@@ -145,7 +155,16 @@ class TrainerConfig:
 
     output_dir: str = option("./outputs/neobert", "Run directory: config, metrics, checkpoints, final model.")
     overwrite_output_dir: bool = option(False, "Allow starting fresh in a directory that holds another run.")
-    max_steps: int = option(1000, "Optimizer steps to train for.")
+    max_steps: int | Literal["auto"] = option(
+        1000,
+        "Optimizer steps to train for; 'auto': trainer.tokens_per_param x non-embedding parameters / tokens per "
+        "step (with phases that all have a length: their total). The resolved number is written to config.yaml.",
+    )
+    tokens_per_param: float = option(
+        20.0,
+        "Training tokens per non-embedding parameter for max_steps: auto (20 is the Chinchilla rule for decoder "
+        "LMs, a starting point for encoders, not a tuned optimum).",
+    )
     per_device_train_batch_size: int = option(32, "Rows per micro-batch on each process.")
     per_device_eval_batch_size: int = option(32, "Rows per eval batch on each process.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
@@ -179,10 +198,13 @@ class TrainerConfig:
             self.resume_from_checkpoint = "latest"
         elif self.resume_from_checkpoint is False or self.resume_from_checkpoint == "":
             self.resume_from_checkpoint = None
+        if self.max_steps != "auto" and self.max_steps < 1:
+            raise ConfigError(f"trainer.max_steps must be >= 1, got {self.max_steps} (or 'auto').")
+        if not self.tokens_per_param > 0:
+            raise ConfigError(f"trainer.tokens_per_param must be > 0, got {self.tokens_per_param}.")
         _require_positive(
             self,
             "trainer",
-            "max_steps",
             "per_device_train_batch_size",
             "per_device_eval_batch_size",
             "gradient_accumulation_steps",
@@ -198,6 +220,48 @@ class TrainerConfig:
             raise ConfigError(f"trainer.max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}.")
         if self.dataloader_num_workers < 0:
             raise ConfigError(f"trainer.dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
+
+
+@dataclass
+class PhaseConfig:
+    """One entry of ``phases``: a length, and what changes from its first step on (null: keep the run's value).
+
+    Settings not given fall back to the run's sections (dataset, model, datacollator, trainer), not to the
+    previous phase. The LR follows ``scheduler`` over the whole run unless ``lr_schedule`` is 'segment'.
+    """
+
+    name: str | None = option(None, "Label shown in logs and checkpoints (null: phase<index>).")
+    steps: int | None = option(None, "Length in optimizer steps (give one of steps / tokens / until_step).")
+    tokens: int | None = option(
+        None, "Length in tokens (rows x sequence length, summed over steps and processes), rounded up to whole steps."
+    )
+    until_step: int | None = option(None, "Ends after this global optimizer step (an absolute end).")
+    max_seq_length: int | None = option(None, "dataset.max_seq_length in this phase (the data is re-packed).")
+    rope_theta: float | None = option(None, "model.rope_theta in this phase (the rotary frequencies are rebuilt).")
+    per_device_train_batch_size: int | None = option(None, "Rows per micro-batch in this phase.")
+    gradient_accumulation_steps: int | None = option(None, "Micro-batches per optimizer step in this phase.")
+    batch_warmup_steps: int = option(
+        0, "Batch-size warmup: ramp the accumulation from batch_warmup_start_accumulation up over these steps."
+    )
+    batch_warmup_start_accumulation: int = option(1, "Micro-batches per step at the first step of the warmup.")
+    mlm_probability: float | None = option(None, "Masking rate at the phase's start (null: datacollator's).")
+    mlm_schedule: Literal["constant", "linear", "cosine", "step"] = option(
+        "constant",
+        "Masking rate within the phase: constant; linear / cosine from mlm_probability to mlm_probability_end; "
+        "step: the values of mlm_values, each for an equal share of the phase.",
+    )
+    mlm_probability_end: float | None = option(None, "Masking rate at the phase's last step (linear / cosine).")
+    mlm_values: list[float] = option([], "Masking rates of the 'step' schedule, in order.")
+    lr_schedule: Literal["run", "segment"] = option(
+        "run", "'run': the scheduler section over the whole run; 'segment': this phase's own warmup-stable-decay."
+    )
+    lr_warmup_steps: int = option(
+        0, "Segment: ramp linearly from the LR the previous step used (0 at the run's start) to lr_peak."
+    )
+    lr_peak: float = option(1.0, "Segment: LR after warmup, as a fraction of optimizer.lr.")
+    lr_decay: Literal["none", "linear", "cosine", "1-sqrt"] = option("none", "Segment: decay shape at the end.")
+    lr_decay_steps: int | None = option(None, "Segment: steps of the final decay (null: all steps after warmup).")
+    lr_end: float = option(0.0, "Segment: LR at the phase's last step after a decay, as a fraction of optimizer.lr.")
 
 
 @dataclass
@@ -226,6 +290,9 @@ class RunConfig:
     scheduler: SchedulerConfig = option(SchedulerConfig, "Learning-rate schedule.")
     wandb: WandbConfig = option(WandbConfig, "Weights & Biases.")
     seed: int = option(0, "Seed for model init, data order and masking.")
+    phases: list[PhaseConfig] = option(
+        [], "Training phases, run in order (see docs/phases.md); empty: one flat run as configured above."
+    )
 
     def __post_init__(self) -> None:
         if self.dataset.max_seq_length > self.model.max_position_embeddings:
@@ -233,6 +300,10 @@ class RunConfig:
                 f"dataset.max_seq_length ({self.dataset.max_seq_length}) exceeds model.max_position_embeddings "
                 f"({self.model.max_position_embeddings}); raise the latter or shorten the rows."
             )
+        if self.phases:
+            from neobert_pt.config.phases import validate_phases
+
+            validate_phases(self)
 
 
 _FILE_BUILDERS = ("text", "json", "parquet")

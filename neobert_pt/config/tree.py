@@ -50,6 +50,26 @@ def iter_options(cls: type, prefix: str = "", instance: Any = None) -> Iterator[
             yield from iter_options(hint, key + ".", value)
 
 
+def section_list_item(hint: Any) -> type | None:
+    """The item class of a list-of-sections field (``phases: list[PhaseConfig]``), else None."""
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        if is_section_type(item):
+            return item
+    return None
+
+
+def iter_list_items(cls: type) -> Iterator[tuple[Option, list[Option]]]:
+    """Each list-of-sections field of the tree with its item's options, keyed ``phases[].steps``.
+
+    Items are set as a whole (a YAML list of mappings), so their keys are documented but not CLI overrides.
+    """
+    for o in iter_options(cls):
+        item = section_list_item(o.hint)
+        if item is not None:
+            yield o, [dataclasses.replace(i, key=f"{o.key}[].{i.key}") for i in iter_options(item)]
+
+
 def leaf_options(cls: type) -> list[Option]:
     return [o for o in iter_options(cls) if not o.is_section]
 
@@ -80,7 +100,7 @@ def type_name(hint: Any) -> str:
         return " | ".join(repr(c) for c in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint) or (Any,)
-        return f"list[{type_name(item)}]"
+        return "list[mapping]" if is_section_type(item) else f"list[{type_name(item)}]"
     if is_section_type(hint):
         return "section"
     return getattr(hint, "__name__", str(hint))

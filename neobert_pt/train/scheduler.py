@@ -20,6 +20,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from neobert_pt.config.schema import SchedulerConfig
+from neobert_pt.train.phases import Phase, lr_factor_at
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,13 @@ def lr_factor(
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, max_steps: int) -> LambdaLR:
-    """A ``LambdaLR`` over :func:`lr_factor`; warns once when the warmup had to be clamped."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, max_steps: int,
+                    plan: list[Phase] | None = None) -> LambdaLR:
+    """A ``LambdaLR`` over :func:`lr_factor`; warns once when the warmup had to be clamped.
+
+    With phases (``plan``), :func:`neobert_pt.train.phases.lr_factor_at` picks per phase between this schedule over
+    the whole run and the phase's own LR segment.
+    """
     warmup = effective_warmup(cfg.warmup_steps, max_steps)
     if warmup != cfg.warmup_steps:
         logger.warning(
@@ -91,4 +97,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, max_
         min_lr_ratio=cfg.min_lr_ratio,
         decay_steps=cfg.decay_steps,
     )
+    if plan:
+        fn = functools.partial(lr_factor_at, plan, run_factor=fn)
     return LambdaLR(optimizer, fn)

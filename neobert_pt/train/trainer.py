@@ -28,6 +28,8 @@ from neobert_pt.config.errors import ConfigError
 from neobert_pt.config.schema import RunConfig
 from neobert_pt.optim import OptimizerContext, build_optimizer
 from neobert_pt.train import distributed, resume
+from neobert_pt.train import phases as phase_rules
+from neobert_pt.train.budget import resolve_auto
 from neobert_pt.train.checkpoint import Checkpointer, check_writable
 from neobert_pt.train.metrics import METRICS_FILE, build_metric_logger, peak_memory_mb
 from neobert_pt.train.scheduler import build_scheduler, effective_warmup
@@ -107,7 +109,6 @@ class Trainer:
         self.run = run
         tcfg = run.trainer
         self.output_dir = Path(tcfg.output_dir)
-        self.max_steps = tcfg.max_steps
         set_seed(run.seed)  # python, numpy, torch: model init and everything else start from the seed
         self._owns_accelerator = accelerator is None
         self.accelerator = acc = accelerator or distributed.make_accelerator(tcfg.mixed_precision)
@@ -115,6 +116,12 @@ class Trainer:
         self._handlers = _setup_logging(self.output_dir, acc.process_index, acc.is_main_process)
         self.metrics: Any = None
         self.exit_code = 0  # neobert_pt.cli.EXIT_INTERRUPTED after a signal-triggered save
+        # `auto` numbers (max_steps, lr) become numbers before anything is written; config.yaml records them.
+        self.resolved = resolve_auto(run, acc.num_processes)
+        self.max_steps = tcfg.max_steps
+        self.plan = phase_rules.build_plan(run, acc.num_processes, self.max_steps)  # [] without phases
+        self.data_phase = 0  # the phase the train loader was built for
+        self.accumulation = tcfg.gradient_accumulation_steps  # micro-batches of the next step
 
         # Decide fresh start vs resume before anything is written into the run directory.
         self.checkpointer = Checkpointer(acc, self.output_dir, save_steps=tcfg.save_steps,
@@ -128,7 +135,8 @@ class Trainer:
 
         with acc.main_process_first():  # rank 0 fills the tokenization cache, the others read it
             self.tokenizer = build_tokenizer(run)
-            self.data = build_data(run, self.tokenizer, rank=acc.process_index, world_size=acc.num_processes)
+            self.data = build_data(self._phase_run(0), self.tokenizer, rank=acc.process_index,
+                                   world_size=acc.num_processes)
         self.train_iter = iter(self.data.train)
 
         model_fields = asdict(run.model)
@@ -148,20 +156,12 @@ class Trainer:
         if tcfg.torch_compile:
             self.model = torch.compile(self.model)
 
-        if run.optimizer.lr == "auto":  # the DANA power law; the number is recorded in config.yaml from here on
-            from neobert_pt.optim.lr_rule import resolve_lr
-
-            tokens_per_step = (tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
-                               * acc.num_processes * run.dataset.max_seq_length)
-            run.optimizer.lr = resolve_lr(run.optimizer, self.unwrapped, tokens_per_step)
-            if acc.is_main_process:
-                save_config(run, self.output_dir / CONFIG_FILE)
         built = build_optimizer(OptimizerContext(model=self.unwrapped, config=run.optimizer,
                                                  max_steps=self.max_steps, distributed_mesh=mesh))
         self.qk_clip = built.qk_clip
         self._raw_optimizer = built.optimizer
         self.optimizer = distributed.prepare_optimizer(acc, built.optimizer)
-        self.scheduler = build_scheduler(built.optimizer, run.scheduler, self.max_steps)
+        self.scheduler = build_scheduler(built.optimizer, run.scheduler, self.max_steps, plan=self.plan)
         self.state = TrainState()  # saved as JSON by the checkpointer, never registered as a pickled object
 
         self.resumed_from_step: int | None = None
@@ -177,12 +177,72 @@ class Trainer:
             self.state.wandb_run_id = self.metrics.wandb_run_id
         self._log_startup(built.log_lines)
 
+    # ---- phases (docs/phases.md; a no-op without `phases`) ------------------------------------------------------
+    def _phase_run(self, index: int) -> RunConfig:
+        return phase_rules.phase_run(self.run, self.plan[index]) if self.plan else self.run
+
+    def _enter_data_phase(self, index: int, *, carry_position: bool) -> None:
+        """Rebuild the train loader / eval batches for phase ``index`` (re-packed at its sequence length).
+
+        With ``carry_position`` the new loader continues at the old one's token offset into the epoch
+        (:func:`phase_rules.continue_position`); on resume the saved position is loaded afterwards instead.
+        """
+        from neobert_pt.data import build_data
+
+        acc, old, old_seq = self.accelerator, self.data.train.state_dict(), self.data.tokens_per_row
+        with acc.main_process_first():
+            self.data = build_data(self._phase_run(index), self.tokenizer, rank=acc.process_index,
+                                   world_size=acc.num_processes)
+        if carry_position:
+            self.data.train.load_state_dict(phase_rules.continue_position(
+                old, old_seq, self.data.train.state_dict(), self.data.tokens_per_row,
+                getattr(self.data.train, "batches_per_epoch", None)))
+        self.train_iter = iter(self.data.train)
+        self.data_phase = index
+        logger.info("phase %s: data re-built with %d-token rows, %d rows per device", self.plan[index].name,
+                    self.data.tokens_per_row, self.plan[index].per_device_train_batch_size)
+
+    def _sync_phase(self) -> None:
+        """Apply the settings of the next update's phase: data, RoPE base, masking rate, accumulation."""
+        if not self.plan:
+            return
+        step = self.state.step
+        phase = phase_rules.phase_at(self.plan, step)
+        if phase.index != self.data_phase:
+            self._enter_data_phase(phase.index, carry_position=True)
+        if self.unwrapped.config.rope_theta != phase.rope_theta:
+            from neobert_pt.modeling.modeling_neobert import rope_inv_freq
+
+            self.unwrapped.config.rope_theta = phase.rope_theta  # saved with the final model as well
+            inv_freq = self.unwrapped.model.rotary_emb.inv_freq
+            inv_freq.copy_(rope_inv_freq(self.unwrapped.config, inv_freq.device))
+            logger.info("phase %s: rope_theta %g from step %d", phase.name, phase.rope_theta, step + 1)
+        self.data.train.collator.mlm_probability = phase_rules.mlm_probability_at(phase, step)
+        self.accumulation = phase_rules.accumulation_at(phase, step)
+
+    def _phase_metrics(self) -> dict[str, float]:
+        """What the step just taken ran with (logged every logging step)."""
+        rows = self.data.train.batch_size * self.accumulation * self.accelerator.num_processes
+        return {"train/mlm_probability": self.data.train.collator.mlm_probability,
+                "train/seq_len": self.data.tokens_per_row, "train/batch_tokens": rows * self.data.tokens_per_row,
+                "train/phase": self.data_phase}
+
+    def _phase_state(self) -> dict[str, Any]:
+        if not self.plan:
+            return {"data_phase": 0}
+        phase = phase_rules.phase_at(self.plan, max(0, self.state.step - 1))  # the phase of the last update
+        return {"data_phase": self.data_phase, "name": phase.name, "index": phase.index,
+                "steps_into_phase": self.state.step - phase.start}
+
     # ---- set-up helpers ---------------------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
         """Checkpoint state under the current config (resume.py): hyperparameters and schedule stay as configured."""
         restored = resume.restore(self.checkpointer, path, run=self.run, model=self.unwrapped,
                                   optimizer=self.optimizer, scheduler=self.scheduler)
         self.state.load_state_dict(restored.trainer_state)
+        saved_phase = restored.rank_state.get("phase", {}).get("data_phase", 0)
+        if saved_phase != self.data_phase:  # rebuild the loader the position was saved from
+            self._enter_data_phase(saved_phase, carry_position=False)
         self.data.train.load_state_dict(restored.rank_state["data"])
         self.train_iter = iter(self.data.train)
         self.resumed_from_step = self.state.step
@@ -200,6 +260,8 @@ class Trainer:
             f"steps: {self.max_steps} total, {effective_warmup(self.run.scheduler.warmup_steps, self.max_steps)} "
             f"warmup ({self.run.scheduler.name}), start at {self.state.step}",
             *optimizer_lines,
+            *phase_rules.describe_plan(self.plan, acc.num_processes),
+            *(f"{key} = {note}" for key, note in self.resolved.items()),
         ]
         for line in lines:
             logger.info(line)
@@ -209,7 +271,7 @@ class Trainer:
         """One optimizer step over an accumulation window; returns metrics reduced over all ranks."""
         acc, tcfg = self.accelerator, self.run.trainer
         step = self.state.step + 1  # the step being produced (QK-clip counts from 1)
-        window = [next(self.train_iter) for _ in range(tcfg.gradient_accumulation_steps)]
+        window = [next(self.train_iter) for _ in range(self.accumulation)]
         # Global masked-token count of the window: every micro-batch loss is sum(CE)/global_count, so the summed
         # gradient is the exact token-mean over the whole global batch whatever the per-rank mask counts.
         counts = torch.stack([sum((b["labels"] != -100).sum() for b in window),
@@ -291,6 +353,7 @@ class Trainer:
         while self.state.step < self.max_steps:
             next_step = self.state.step + 1
             should_log = next_step % tcfg.logging_steps == 0 or next_step in (1, self.max_steps)
+            self._sync_phase()
             m = self.train_step(should_log)
             step = self.state.step
             window_steps += 1
@@ -306,7 +369,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 m.update({"train/tokens_per_sec": window_tokens / elapsed, "train/steps_per_sec": window_steps / elapsed,
                           "train/peak_memory_mb": peak_memory_mb(acc.device),
-                          "train/nonfinite_skipped": self.state.nonfinite_skipped})
+                          "train/nonfinite_skipped": self.state.nonfinite_skipped, **self._phase_metrics()})
                 window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
                 self.metrics.log(step, m)
             if (tcfg.eval_steps and step % tcfg.eval_steps == 0) or step == self.max_steps:
@@ -316,7 +379,7 @@ class Trainer:
                                      f"accuracy {last_eval['eval/accuracy']:.3f}")
             self.metrics.advance(step, {"loss": m["train/loss"], "lr": m["train/lr"],
                                         **({"tok/s": m["train/tokens_per_sec"]} if should_log else {})})
-            if self.checkpointer.should_save(step):
+            if self.checkpointer.should_save(step) or any(step == p.end for p in self.plan):  # + phase boundaries
                 self._save(step)
         if tcfg.save_final_model:
             self.save_final_model()
@@ -328,7 +391,8 @@ class Trainer:
         if sync_for_checkpoint is not None:
             sync_for_checkpoint()
         self.checkpointer.save(
-            step, rank_state={"data": self.data.train.state_dict()}, trainer_state=self.state.state_dict(),
+            step, rank_state={"data": self.data.train.state_dict(), "phase": self._phase_state()},
+            trainer_state=self.state.state_dict(),
             write_config=lambda path: save_config(self.run, path),
         )
 

@@ -127,7 +127,7 @@ def test_parse_args_returns_config_without_print_flag():
     "argv, fragment",
     [
         (["missing.yaml"], "Config file not found: missing.yaml"),
-        (["--trainer.max_steps", "many"], "trainer.max_steps: cannot use 'many' (str); expected int."),
+        (["--trainer.logging_steps", "many"], "trainer.logging_steps: cannot use 'many' (str); expected int."),
         (["--optimizer.name", "sgd"], "optimizer.name: 'sgd' is not an allowed value"),
         (["--trainer.max_steps", "5", "extra"], "Unexpected argument 'extra'"),
     ],

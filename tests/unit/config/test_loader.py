@@ -227,8 +227,8 @@ def test_unknown_key_without_close_match_has_no_suggestion():
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["--trainer.max_steps", "abc"], "trainer.max_steps: cannot use 'abc' (str); expected int."),
-        (["--trainer.max_steps", "2.5"], "trainer.max_steps: cannot use '2.5' (float); expected int."),
+        (["--trainer.max_steps", "abc"], "trainer.max_steps: cannot use 'abc' (str); expected int | 'auto'."),
+        (["--trainer.max_steps", "2.5"], "trainer.max_steps: cannot use '2.5' (float); expected int | 'auto'."),
         (["--trainer.torch_compile", "1"], "trainer.torch_compile: cannot use '1' (int); expected bool."),
         (["--trainer.torch_compile", "yes"], "trainer.torch_compile: cannot use 'yes' (str); expected bool."),
         (["--optimizer.lr", "fast"], "optimizer.lr: cannot use 'fast' (str); expected float | 'auto'."),

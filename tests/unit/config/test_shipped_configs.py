@@ -46,10 +46,20 @@ def test_family_is_identical_except_the_optimizer_block(family):
         assert dicts[name]["optimizer"]["name"] == optimizer
     reference = dicts[next(iter(family))]
     sections = set(reference) - {"optimizer"}
-    assert sections == {"model", "dataset", "tokenizer", "datacollator", "trainer", "scheduler", "wandb", "seed"}
+    assert sections == {"model", "dataset", "tokenizer", "datacollator", "trainer", "scheduler", "wandb", "seed",
+                        "phases"}
     for name, resolved in dicts.items():
         for section in sections:
             assert resolved[section] == reference[section], f"{name}: section {section!r} differs from the adamw config"
+
+
+@pytest.mark.parametrize("name", ["neobert100m_two_phase.yaml", "neobert100m_modernbert_style.yaml",
+                                  "neobert100m_inverse_masking.yaml"])
+def test_phase_recipes_are_the_100m_config_plus_a_phases_block(name):
+    recipe = config_to_dict(load(os.path.join("phases", name)))
+    base = config_to_dict(load("pretrain_neobert100m_smollm2data.yaml"))
+    assert recipe.pop("phases") and base.pop("phases") == []
+    assert recipe == base
 
 
 def test_100m_recipe_values():
