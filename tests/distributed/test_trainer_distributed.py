@@ -33,7 +33,7 @@ from train_variants import CLIP_THRESHOLD, CLIPPING, GLOBAL_ROWS, MAX_STEPS, SAV
 
 DRIVER = Path(__file__).resolve().parent / "train_variants.py"
 DDP_VARIANTS = ["adamw", "adana", "dana-mk4", "dana-star", "dana-star-mk4", "adamw-decaying-wd", "muonclip",
-                "dion2", "dion2-qk"]
+                "dion2", "dion2-qk", "adamw-phases"]
 FSDP_VARIANTS = ["adamw", "dana-star-mk4", "dion2", "dion2-qk", "dion2-local"]
 ORTHONORMAL = ("muonclip", "dion2", "dion2-qk")
 LAUNCH_TIMEOUT_S = 240

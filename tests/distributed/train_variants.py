@@ -65,6 +65,11 @@ VARIANTS: dict[str, list[str]] = {
                  *_sub("dion2_config", ["enable_clipping", "true", "selection_scope", "global", *_CLIP])],
     "dion2-local": ["--optimizer.name", "dion2", "--optimizer.lr", "1e-2",
                     *_sub("dion2_config", ["enable_clipping", "false", "selection_scope", "local"])],
+    # Training phases (docs/phases.md): batch-size warmup, masking 0.3 -> 0.15, then 64-token rows with a larger RoPE
+    # base; per-device rows come from the run, so ranks split each phase's global batch like one process.
+    "adamw-phases": ["--optimizer.name", "adamw", "--optimizer.lr", "1e-3", "--phases",
+                     "[{steps: 3, mlm_probability: 0.3, batch_warmup_steps: 2}, "
+                     "{max_seq_length: 64, rope_theta: 80000, mlm_probability: 0.15}]"],
 }
 CLIPPING = ("muonclip", "dion2-qk")
 

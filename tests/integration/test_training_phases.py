@@ -185,3 +185,26 @@ def test_recipes_resolve_with_print_config(path, capsys, monkeypatch):
     assert resolved["phases"] and isinstance(resolved["trainer"]["max_steps"], int)
     assert out.count("\n# phase ") == len(resolved["phases"])
     assert os.path.basename(path).startswith(("tiny_", "neobert100m_"))
+
+
+def test_scaling_rule_and_auto_budget_are_written_to_config_yaml(tmp_path):
+    """`model.scaling_rule` + `trainer.max_steps: auto` + `optimizer.lr: auto` through the trainer: config.yaml
+    holds the numbers the run used, and reloading it reproduces them."""
+    import math
+
+    from neobert_pt.optim.lr_rule import count_non_embedding_params, suggest_peak_lr
+
+    cfg = load_config(None, [
+        "--model.scaling_rule", "neobert", "--model.heads", "2", "--dataset.max_seq_length", "32",
+        "--dataset.max_documents", "40", "--trainer.per_device_train_batch_size", "4",
+        "--trainer.max_steps", "auto", "--trainer.tokens_per_param", "0.002", "--optimizer.lr", "auto",
+        "--trainer.eval_steps", "null", "--trainer.eval_max_batches", "1", "--trainer.disable_tqdm", "true",
+        "--trainer.save_final_model", "false", "--trainer.output_dir", str(tmp_path)])
+    trainer, summary = run(cfg)
+    params = count_non_embedding_params(trainer.unwrapped)
+    assert (trainer.unwrapped.config.hidden_size, trainer.unwrapped.config.num_hidden_layers) == (128, 2)
+    steps = math.ceil(math.ceil(0.002 * params) / (4 * 32))
+    saved = load_config(str(tmp_path / "config.yaml"), [])
+    assert summary["steps"] == saved.trainer.max_steps == steps
+    assert saved.optimizer.lr == suggest_peak_lr("adamw", params, tokens_per_step=4 * 32)
+    assert (saved.model.hidden_size, saved.model.scaling_rule, saved.model.heads) == (128, "neobert", 2)

@@ -145,3 +145,25 @@ def test_unselected_subblock_warning_is_printed_not_fatal(capsys):
     assert cfg.optimizer.muon_config.clipping_interval == 3
     err = capsys.readouterr().err
     assert "pretrain.py: warning: optimizer.muon_config is set (clipping_interval) but optimizer.name is 'adamw'" in err
+
+
+def test_print_config_says_where_every_value_came_from(capsys, monkeypatch):
+    """Scaling-rule dimensions, `auto` numbers, file, command line and defaults, each named; still loadable YAML."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as info:
+        parse_args([os.path.join(ROOT, "configs", "pretraining", "pretrain_tiny.yaml"), "--model.scaling_rule",
+                    "enoki", "--model.heads", "8", "--trainer.max_steps", "auto", "--optimizer.lr", "auto",
+                    "--trainer.tokens_per_param", "0.5", "--print-config"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines() if ":" in line}
+    assert lines["hidden_size"].endswith("# scaling_rule enoki: 64 * heads (heads=8) (replaces the config file value)")
+    assert "# scaling_rule enoki: 3 * heads // 4 (heads=8)" in lines["num_hidden_layers"]
+    assert "# auto: 0.5 tokens/param x" in lines["max_steps"] and "at 2 process(es) (command line: auto)" in out
+    assert "# auto: DANA power law for adamw" in lines["lr"]
+    assert lines["max_position_embeddings"].endswith("# config file")
+    assert lines["heads"].endswith("# command line") and lines["norm_eps"].endswith("# default")
+    resolved = parse_yaml(out)
+    assert (resolved["model"]["hidden_size"], resolved["model"]["num_hidden_layers"]) == (512, 6)
+    steps, lr = resolved["trainer"]["max_steps"], resolved["optimizer"]["lr"]
+    assert isinstance(steps, int) and steps > 1 and isinstance(lr, float)
