@@ -240,9 +240,13 @@ class Trainer:
         restored = resume.restore(self.checkpointer, path, run=self.run, model=self.unwrapped,
                                   optimizer=self.optimizer, scheduler=self.scheduler)
         self.state.load_state_dict(restored.trainer_state)
-        saved_phase = restored.rank_state.get("phase", {}).get("data_phase", 0)
-        if saved_phase != self.data_phase:  # rebuild the loader the position was saved from
-            self._enter_data_phase(saved_phase, carry_position=False)
+        saved = restored.rank_state.get("phase", {})
+        if saved.get("data_phase", 0) != self.data_phase:  # rebuild the loader the position was saved from
+            if saved["data_phase"] >= len(self.plan):
+                raise ConfigError(
+                    f"{path} was written in phase {saved['data_phase']} ({saved.get('name')!r}) but the config has "
+                    f"{len(self.plan)} phase(s); resume with the phases the run was started with (docs/phases.md).")
+            self._enter_data_phase(saved["data_phase"], carry_position=False)
         self.data.train.load_state_dict(restored.rank_state["data"])
         self.train_iter = iter(self.data.train)
         self.resumed_from_step = self.state.step

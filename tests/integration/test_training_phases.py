@@ -208,3 +208,15 @@ def test_scaling_rule_and_auto_budget_are_written_to_config_yaml(tmp_path):
     assert summary["steps"] == saved.trainer.max_steps == steps
     assert saved.optimizer.lr == suggest_peak_lr("adamw", params, tokens_per_step=4 * 32)
     assert (saved.model.hidden_size, saved.model.scaling_rule, saved.model.heads) == (128, "neobert", 2)
+
+
+def test_resume_without_the_phase_of_the_checkpoint_is_one_clear_error(reference, tmp_path):
+    import shutil
+
+    from neobert_pt.config import ConfigError
+
+    ref_out = reference[0]
+    shutil.copytree(ref_out / "checkpoints", tmp_path / "checkpoints", symlinks=True)
+    cfg = tiny(tmp_path, "--phases", "[]", "--trainer.max_steps", "10", "--trainer.resume_from_checkpoint", "latest")
+    with pytest.raises(ConfigError, match=r"step_8 was written in phase 2 \('low'\) but the config has 0 phase\(s\)"):
+        Trainer(cfg)
