@@ -82,8 +82,12 @@ def validate_phases(run: RunConfig) -> None:
 def _validate_batch_warmup(run: RunConfig, p: PhaseConfig, at: str) -> None:
     if p.batch_warmup_steps < 0:
         raise ConfigError(f"{at}.batch_warmup_steps must be >= 0, got {p.batch_warmup_steps}.")
+    if p.batch_warmup_tokens is not None and p.batch_warmup_tokens < 1:
+        raise ConfigError(f"{at}.batch_warmup_tokens must be >= 1 or null, got {p.batch_warmup_tokens}.")
+    if p.batch_warmup_steps and p.batch_warmup_tokens:
+        raise ConfigError(f"{at} sets batch_warmup_steps and batch_warmup_tokens; give the warmup's length one way.")
     final = p.gradient_accumulation_steps or run.trainer.gradient_accumulation_steps
-    if p.batch_warmup_steps and not 1 <= p.batch_warmup_start_accumulation <= final:
+    if (p.batch_warmup_steps or p.batch_warmup_tokens) and not 1 <= p.batch_warmup_start_accumulation <= final:
         raise ConfigError(
             f"{at}.batch_warmup_start_accumulation must be in [1, {final}] (the phase's gradient_accumulation_steps), "
             f"got {p.batch_warmup_start_accumulation}."

@@ -243,6 +243,10 @@ class PhaseConfig:
     batch_warmup_steps: int = option(
         0, "Batch-size warmup: ramp the accumulation from batch_warmup_start_accumulation up over these steps."
     )
+    batch_warmup_tokens: int | None = option(
+        None, "Batch-size warmup measured in tokens instead: the accumulation rises linearly with the phase's tokens "
+        "until this many have been consumed (exclusive with batch_warmup_steps)."
+    )
     batch_warmup_start_accumulation: int = option(1, "Micro-batches per step at the first step of the warmup.")
     mlm_probability: float | None = option(None, "Masking rate at the phase's start (null: datacollator's).")
     mlm_schedule: Literal["constant", "linear", "cosine", "step"] = option(

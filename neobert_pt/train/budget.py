@@ -53,7 +53,7 @@ def non_embedding_params(run: RunConfig) -> int:
 def tokens_per_step(run: RunConfig, world_size: int) -> int:
     """Tokens per optimizer step of the run's first phase (or of the run without phases)."""
     if run.phases:
-        first = phase_rules.phase_settings(run, 0, run.phases[0], 0, 0)
+        first = phase_rules.phase_settings(run, 0, run.phases[0], 0, 0, world_size)
         return (first.per_device_train_batch_size * first.gradient_accumulation_steps * world_size
                 * first.max_seq_length)
     t = run.trainer
@@ -107,5 +107,5 @@ def _steps_for_budget(run: RunConfig, world_size: int, budget: int) -> int:
             f"trainer.max_steps=auto: the phases before the last already use {used:,} tokens, the whole budget of "
             f"{budget:,} (trainer.tokens_per_param x parameters); shorten them or raise trainer.tokens_per_param."
         )
-    last = phase_rules.phase_settings(run, len(run.phases) - 1, run.phases[-1], start, start)
+    last = phase_rules.phase_settings(run, len(run.phases) - 1, run.phases[-1], start, start, world_size)
     return start + phase_rules.steps_for_tokens(last, budget - used, world_size)

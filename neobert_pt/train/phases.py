@@ -62,6 +62,7 @@ class Phase:
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
     mlm_probability: float
+    ramp: tuple[int, ...]  # micro-batches of each batch-warmup update; gradient_accumulation_steps after them
     cfg: PhaseConfig
 
     @property
@@ -73,39 +74,53 @@ class Phase:
 # Validation and planning
 
 
-def phase_settings(run: RunConfig, i: int, p: PhaseConfig, start: int, end: int) -> Phase:
+def phase_settings(run: RunConfig, i: int, p: PhaseConfig, start: int, end: int, world_size: int) -> Phase:
     """Phase ``i`` over ``[start, end)`` with the run's values where it sets none."""
     mlm = p.mlm_values[0] if p.mlm_schedule == "step" else p.mlm_probability
+    seq = p.max_seq_length or run.dataset.max_seq_length
+    rows = p.per_device_train_batch_size or run.trainer.per_device_train_batch_size
+    accumulation = p.gradient_accumulation_steps or run.trainer.gradient_accumulation_steps
     return Phase(
-        index=i, name=p.name if p.name is not None else f"phase{i}", start=start, end=end,
-        max_seq_length=p.max_seq_length or run.dataset.max_seq_length,
+        index=i, name=p.name if p.name is not None else f"phase{i}", start=start, end=end, max_seq_length=seq,
         rope_theta=p.rope_theta if p.rope_theta is not None else run.model.rope_theta,
-        per_device_train_batch_size=p.per_device_train_batch_size or run.trainer.per_device_train_batch_size,
-        gradient_accumulation_steps=p.gradient_accumulation_steps or run.trainer.gradient_accumulation_steps,
-        mlm_probability=mlm if mlm is not None else run.datacollator.mlm_probability, cfg=p,
+        per_device_train_batch_size=rows, gradient_accumulation_steps=accumulation,
+        mlm_probability=mlm if mlm is not None else run.datacollator.mlm_probability,
+        ramp=_batch_ramp(p, accumulation, rows * world_size * seq), cfg=p,
     )
+
+
+def _batch_ramp(p: PhaseConfig, final: int, tokens_per_micro_batch: int) -> tuple[int, ...]:
+    """Micro-batches per warmup update, rising linearly from batch_warmup_start_accumulation to ``final`` in the
+    warmup's steps (batch_warmup_steps) or in the tokens it has consumed (batch_warmup_tokens)."""
+    first = p.batch_warmup_start_accumulation
+    if p.batch_warmup_tokens:
+        ramp, seen = [], 0
+        while seen < p.batch_warmup_tokens:
+            ramp.append(first + (final - first) * seen // p.batch_warmup_tokens)
+            seen += ramp[-1] * tokens_per_micro_batch
+        return tuple(ramp)
+    return tuple(first + (final - first) * i // p.batch_warmup_steps for i in range(p.batch_warmup_steps))
 
 
 def tokens_for_steps(phase: Phase, steps: int, world_size: int) -> int:
     """Token capacity (rows x sequence length, all processes) of the phase's first ``steps`` updates."""
     per_micro = phase.per_device_train_batch_size * world_size * phase.max_seq_length
-    warm = min(steps, phase.cfg.batch_warmup_steps)
-    micro = sum(accumulation_at(phase, phase.start + i) for i in range(warm))
-    return per_micro * (micro + (steps - warm) * phase.gradient_accumulation_steps)
+    warm = min(steps, len(phase.ramp))
+    return per_micro * (sum(phase.ramp[:warm]) + (steps - warm) * phase.gradient_accumulation_steps)
 
 
 def steps_for_tokens(phase: Phase, tokens: int, world_size: int) -> int:
     """Fewest updates of ``phase`` whose token capacity reaches ``tokens``."""
     per_micro = phase.per_device_train_batch_size * world_size * phase.max_seq_length
     done = 0
-    for i in range(phase.cfg.batch_warmup_steps):
+    for i, micro in enumerate(phase.ramp):
         if done >= tokens:
             return i
-        done += per_micro * accumulation_at(phase, phase.start + i)
+        done += per_micro * micro
     if done >= tokens:
-        return phase.cfg.batch_warmup_steps
+        return len(phase.ramp)
     per_step = per_micro * phase.gradient_accumulation_steps
-    return phase.cfg.batch_warmup_steps + math.ceil((tokens - done) / per_step)
+    return len(phase.ramp) + math.ceil((tokens - done) / per_step)
 
 
 def fixed_total_steps(run: RunConfig, world_size: int) -> int | None:
@@ -120,7 +135,7 @@ def build_plan(run: RunConfig, world_size: int, max_steps: int | None) -> list[P
     plan: list[Phase] = []
     start = 0
     for i, p in enumerate(run.phases):
-        probe = phase_settings(run, i, p, start, start)
+        probe = phase_settings(run, i, p, start, start, world_size)
         if p.steps is not None:
             end = start + p.steps
         elif p.tokens is not None:
@@ -135,7 +150,7 @@ def build_plan(run: RunConfig, world_size: int, max_steps: int | None) -> list[P
             what = f"until_step={p.until_step}" if p.until_step is not None else f"trainer.max_steps={end}"
             raise ConfigError(f"phases[{i}] would be empty or overlap the phases before it: {what}, but they already "
                               f"run to step {start}; give it a later end.")
-        plan.append(phase_settings(run, i, p, start, end))
+        plan.append(phase_settings(run, i, p, start, end, world_size))
         start = end
     return plan
 
@@ -146,7 +161,7 @@ def describe_plan(plan: list[Phase], world_size: int) -> list[str]:
     for p in plan:
         c = p.cfg
         warm = (f", accumulation {c.batch_warmup_start_accumulation}->{p.gradient_accumulation_steps} over "
-                f"{c.batch_warmup_steps} steps" if c.batch_warmup_steps else "")
+                f"{len(p.ramp)} steps" if p.ramp else "")
         if c.mlm_schedule == "constant":
             mlm = f"{p.mlm_probability:g}"
         elif c.mlm_schedule == "step":
@@ -199,12 +214,8 @@ def mlm_probability_at(phase: Phase, step: int) -> float:
 
 def accumulation_at(phase: Phase, step: int) -> int:
     """Micro-batches of update ``step``: ramps from the warmup start to the phase's accumulation, then holds."""
-    warmup, i = phase.cfg.batch_warmup_steps, step - phase.start
-    final = phase.gradient_accumulation_steps
-    if i >= warmup:
-        return final
-    first = phase.cfg.batch_warmup_start_accumulation
-    return first + (final - first) * i // warmup
+    i = step - phase.start
+    return phase.ramp[i] if 0 <= i < len(phase.ramp) else phase.gradient_accumulation_steps
 
 
 def lr_factor_at(plan: list[Phase], step: int, run_factor: Callable[[int], float]) -> float:

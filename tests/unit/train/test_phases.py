@@ -47,7 +47,7 @@ def test_open_last_phase_runs_to_max_steps():
 def test_tokens_with_batch_warmup_count_the_smaller_early_steps():
     run = cfg("[{tokens: 2560, batch_warmup_steps: 4, batch_warmup_start_accumulation: 1, "
               "gradient_accumulation_steps: 4}]")
-    phase = ph.phase_settings(run, 0, run.phases[0], 0, 0)
+    phase = ph.phase_settings(run, 0, run.phases[0], 0, 0, 1)
     assert [ph.accumulation_at(phase, s) for s in range(6)] == [1, 1, 2, 3, 4, 4]
     # micro-batch = 4 rows x 64 tokens = 256; warmup steps give 256, 256, 512, 768 (1792), then 1024 per step
     assert ph.steps_for_tokens(phase, 2560, 1) == 5 and ph.tokens_for_steps(phase, 5, 1) == 2816
@@ -187,3 +187,16 @@ def test_max_steps_auto_with_an_open_last_phase_spends_the_rest_of_the_budget():
     budget = math.ceil(0.01 * non_embedding_params(run))
     rest = budget - 10 * 4 * 2 * 64
     assert run.trainer.max_steps == 10 + math.ceil(rest / (2 * 2 * 128))
+
+
+def test_batch_warmup_in_tokens_rises_with_the_tokens_consumed():
+    run = cfg("[{steps: 10, batch_warmup_tokens: 4096, batch_warmup_start_accumulation: 1, "
+              "gradient_accumulation_steps: 5}]")
+    (phase,) = ph.build_plan(run, 2, 10)
+    # micro-batch = 4 rows x 2 processes x 64 tokens = 512; accumulation = 1 + 4 * seen // 4096 with seen before the
+    # step: 0 -> 1, 512 -> 1, 1024 -> 2, 2048 -> 3, 3584 -> 4; 5632 >= 4096 ends the warmup
+    assert phase.ramp == (1, 1, 2, 3, 4)
+    assert [ph.accumulation_at(phase, s) for s in range(7)] == [1, 1, 2, 3, 4, 5, 5]
+    assert ph.tokens_for_steps(phase, 7, 2) == 512 * (11 + 10)
+    with pytest.raises(ConfigError, match="sets batch_warmup_steps and batch_warmup_tokens"):
+        cfg("[{steps: 3, batch_warmup_steps: 2, batch_warmup_tokens: 100}]")
