@@ -151,7 +151,8 @@ class Dion(torch.optim.Optimizer):
         self.cqr_warmup_steps = int(cqr_warmup_steps)
         self.sketch_seed = int(sketch_seed)
         self.mixed_precision = mixed_precision_config or DionMixedPrecisionConfig()
-        self.comm = CommCounter()
+        self.comm = CommCounter()  # per-step collectives (read and reset by the trainer)
+        self.checkpoint_comm = CommCounter()  # synchronize_for_checkpoint, kept out of the per-step figures
         self._reinit_logged = False
         defaults = dict(
             rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of, lr=lr, mu=mu, beta1=betas[0],
@@ -466,7 +467,7 @@ class Dion(torch.optim.Optimizer):
             for group in self.param_groups if group["algorithm"] == "dion"
             for p in group["params"] if self.is_compressed(p)
         ]
-        self.comm.all_reduce_coalesced(momenta, self._replicate_group, "replicate", average=True)
+        self.checkpoint_comm.all_reduce_coalesced(momenta, self._replicate_group, "replicate", average=True)
 
 
 

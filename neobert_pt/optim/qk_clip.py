@@ -514,6 +514,8 @@ def build_qk_clip(model: nn.Module, settings: QKClipSettings, distributed_mesh: 
     if not settings.enable_clipping:
         return None
     process_group = distributed_mesh.get_group() if hasattr(distributed_mesh, "get_group") else distributed_mesh
+    if process_group is not None and dist.get_world_size(process_group) < dist.get_world_size():
+        process_group = dist.group.WORLD  # HSDP: the shard sub-mesh; the statistic spans every replica's batch
     return QKClip(
         model,
         threshold=settings.clipping_threshold,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import time
@@ -151,13 +152,17 @@ class Trainer:
             model.gradient_checkpointing_enable()
         self.num_params = sum(p.numel() for p in model.parameters())
         self._model_cls = type(model)
-        self.model, mesh = distributed.wrap_model(acc, model)
+        self._optimizer_syncs_replicas = distributed.optimizer_syncs_replicas(acc, run.optimizer)
+        self.model, mesh = distributed.wrap_model(acc, model, optimizer_syncs_replicas=self._optimizer_syncs_replicas)
+        replicate_mesh, shard_mesh = distributed.hsdp_meshes(acc)
+        self._replicate_group = replicate_mesh.get_group() if replicate_mesh is not None else None
         self.unwrapped = acc.unwrap_model(self.model)
         if tcfg.torch_compile:
             self.model = torch.compile(self.model)
 
         built = build_optimizer(OptimizerContext(model=self.unwrapped, config=run.optimizer,
-                                                 max_steps=self.max_steps, distributed_mesh=mesh))
+                                                 max_steps=self.max_steps, distributed_mesh=mesh,
+                                                 replicate_mesh=replicate_mesh, shard_mesh=shard_mesh))
         self.qk_clip = built.qk_clip
         self._raw_optimizer = built.optimizer
         self.optimizer = distributed.prepare_optimizer(acc, built.optimizer)
@@ -166,6 +171,7 @@ class Trainer:
 
         self.resumed_from_step: int | None = None
         if self.resume_path is not None:
+            distributed.check_resume_mesh(acc, self.resume_path)
             self._resume(self.resume_path)
 
         self.metrics = build_metric_logger(
@@ -298,8 +304,8 @@ class Trainer:
                 loss_sum += out.loss.detach().double()
 
         max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else math.inf
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # global norm, same on every rank
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        replicas = self._replicate_group if self._optimizer_syncs_replicas else None
+        grad_norm = distributed.clip_grad_norm(acc, self.model, max_norm, replicas)  # same on every rank
         # One all-reduce for the loss and a "some rank saw a non-finite value" flag.
         stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm.double())).double()])
         distributed.all_reduce(stats)
@@ -323,6 +329,7 @@ class Trainer:
         self.state.tokens_seen += int(counts[1].item())
         metrics.update({"train/loss": loss, "train/grad_norm": grad_norm.item(), "train/lr": lr,
                         "train/tokens": counts[1].item()})
+        metrics.update(distributed.comm_bytes(self.model, self._raw_optimizer))
         return metrics
 
     # ---- eval -------------------------------------------------------------------------------------------------
@@ -397,8 +404,13 @@ class Trainer:
         self.checkpointer.save(
             step, rank_state={"data": self.data.train.state_dict(), "phase": self._phase_state()},
             trainer_state=self.state.state_dict(),
-            write_config=lambda path: save_config(self.run, path),
+            write_config=self._write_config_and_mesh,
         )
+
+    def _write_config_and_mesh(self, path: Path) -> None:
+        save_config(self.run, path)
+        (path.parent / distributed.MESH_FILE).write_text(
+            json.dumps({"mesh": distributed.mesh_description(self.accelerator)}))
 
     def save_final_model(self) -> Path:
         """``final/``: the full HF model (gathered from FSDP2 shards) and the tokenizer."""

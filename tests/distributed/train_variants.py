@@ -70,6 +70,15 @@ VARIANTS: dict[str, list[str]] = {
     "adamw-phases": ["--optimizer.name", "adamw", "--optimizer.lr", "1e-3", "--phases",
                      "[{steps: 3, mlm_probability: 0.3, batch_warmup_steps: 2}, "
                      "{max_seq_length: 64, rope_theta: 80000, mlm_probability: 0.15}]"],
+    # Dion at rank_fraction 0.25: every block matrix of the tiny model is compressed on a replicate axis. On HSDP
+    # "dion" averages only P and R over the replicate axis; "dion-fullsync" lets FSDP average full gradients. No
+    # gradient clipping: with compressed sync the per-replica gradients differ, so the clip norm is a replica RMS
+    # (distributed.clip_grad_norm), not the norm of the mean gradient that full sync clips by.
+    "dion": ["--optimizer.name", "dion", "--optimizer.lr", "1e-3", "--trainer.max_grad_norm", "null",
+             *_sub("dion_config", ["rank_fraction", "0.25", "matrix_lr", "1e-2"])],
+    "dion-fullsync": ["--optimizer.name", "dion", "--optimizer.lr", "1e-3", "--trainer.max_grad_norm", "null",
+                      *_sub("dion_config", ["rank_fraction", "0.25", "matrix_lr", "1e-2",
+                                            "replicate_mesh_grad_sync", "false"])],
 }
 CLIPPING = ("muonclip", "dion2-qk")
 
