@@ -41,6 +41,7 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("muonclip_fastcpu", "muonclip", {"muon_config": {"enable_clipping": False, "fast_cpu_orthogonalization": True}}),
     ("muonclip_noclip", "muonclip", {"muon_config": {"enable_clipping": False}}),
     ("dion2_fastcpu", "dion2", {"dion2_config": {"fast_cpu_orthogonalization": True}}),
+    ("dion", "dion", {}),
 ]
 DEFAULT_VARIANTS = [v[0] for v in VARIANTS if not v[0].endswith(("_fastcpu", "_noclip"))]
 

@@ -37,6 +37,7 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("muonclip", ["--optimizer.name", "muonclip", "--optimizer.muon_config.enable_clipping", "true"]),
     ("dion2", ["--optimizer.name", "dion2", "--optimizer.dion2_config.enable_clipping", "false"]),
     ("dion2_qk", ["--optimizer.name", "dion2", "--optimizer.dion2_config.enable_clipping", "true"]),
+    ("dion", ["--optimizer.name", "dion"]),
 ]
 
 

@@ -30,7 +30,7 @@ def test_optimizer_step_reports_every_optimizer_with_ratio():
     payload = _run("optimizer_step.py")
     rows = {r["optimizer"]: r for r in payload["results"]}
     assert set(rows) == {"adamw", "adamw-decaying-wd", "adana", "dana-mk4", "dana-star", "dana-star-mk4",
-                         "muonclip", "dion2", "dion2_qk"}
+                         "muonclip", "dion2", "dion2_qk", "dion"}
     assert rows["adamw"]["ratio_vs_adamw"] == 1.0
     assert all(_finite_positive(r["step_ms"]) and _finite_positive(r["ratio_vs_adamw"]) for r in rows.values())
     assert _finite_positive(rows["dion2_qk"]["qk_clip_ms"]) and "qk_clip_ms" not in rows["dion2"]
@@ -51,3 +51,16 @@ def test_train_throughput_runs_the_real_trainer_per_optimizer():
     assert set(rows) == {"adamw", "dion2_qk"}, payload
     assert all(_finite_positive(r["tokens_per_sec"]) and r["steps_measured"] >= 1 for r in rows.values()), rows
     assert rows["adamw"]["ratio_vs_adamw"] == 1.0
+
+
+@pytest.mark.slow
+def test_dion_comm_measures_the_spec_formula():
+    proc = subprocess.run([sys.executable, "benchmarks/dion_comm.py", "--hidden", "64", "--layers", "1",
+                           "--intermediate", "192", "--vocab-size", "128", "--fractions", "0.25"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(proc.stdout[: proc.stdout.index("\n}\n") + 2])
+    for row in payload["results"]:
+        assert row["measured_ratio"] == pytest.approx(row["formula_ratio"], rel=1e-12), row
+    total = next(r for r in payload["results"] if r["matrix"] == "all block matrices")
+    assert 0 < total["measured_ratio"] < 1
