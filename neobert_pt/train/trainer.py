@@ -215,7 +215,12 @@ class Trainer:
         step = self.state.step
         phase = phase_rules.phase_at(self.plan, step)
         if phase.index != self.data_phase:
-            self._enter_data_phase(phase.index, carry_position=True)
+            loader = self.plan[self.data_phase]
+            if (phase.max_seq_length, phase.per_device_train_batch_size) != (
+                    loader.max_seq_length, loader.per_device_train_batch_size):
+                self._enter_data_phase(phase.index, carry_position=True)
+            else:  # same rows and batch: the loader carries on untouched (no re-read of a stream)
+                self.data_phase = phase.index
         if self.unwrapped.config.rope_theta != phase.rope_theta:
             from neobert_pt.modeling.modeling_neobert import rope_inv_freq
 

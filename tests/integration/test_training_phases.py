@@ -92,6 +92,9 @@ def test_every_step_logs_its_phase_settings(reference):
     assert [p.name for p in Checkpointer(None, out, save_steps=None, save_total_limit=None, max_steps=8).complete()] \
         == ["step_3", "step_6", "step_8"]
     assert trainer.data.tokens_per_row == 128 and trainer.data.train.batch_size == 4
+    log = (out / "logs" / "rank_0.log").read_text()
+    assert "phase long: data re-built with 128-token rows" in log
+    assert "phase low: data re-built" not in log  # same rows and batch: the loader carries on, no re-read
 
 
 def test_rope_theta_applies_from_the_boundary_on(reference):
