@@ -1,9 +1,10 @@
-"""NeoBERT as Hugging Face models (config, encoder, MLM and sequence-classification heads)."""
+"""NeoBERT as Hugging Face models (config, encoder, MLM, sequence- and token-classification heads)."""
 
 from neobert_pt.modeling.configuration_neobert import NeoBERTConfig
 from neobert_pt.modeling.modeling_neobert import (
     NeoBERTForMaskedLM,
     NeoBERTForSequenceClassification,
+    NeoBERTForTokenClassification,
     NeoBERTModel,
     NeoBERTPreTrainedModel,
 )
@@ -13,5 +14,6 @@ __all__ = [
     "NeoBERTModel",
     "NeoBERTForMaskedLM",
     "NeoBERTForSequenceClassification",
+    "NeoBERTForTokenClassification",
     "NeoBERTPreTrainedModel",
 ]

@@ -24,7 +24,12 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
 
 from .configuration_neobert import NeoBERTConfig
 
@@ -356,6 +361,7 @@ _AUTO_MAP = {
     "AutoModel": "NeoBERTModel",
     "AutoModelForMaskedLM": "NeoBERTForMaskedLM",
     "AutoModelForSequenceClassification": "NeoBERTForSequenceClassification",
+    "AutoModelForTokenClassification": "NeoBERTForTokenClassification",
 }
 
 
@@ -371,7 +377,7 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
     def __init__(self, config: NeoBERTConfig, *inputs, **kwargs) -> None:
         super().__init__(config, *inputs, **kwargs)
         if self._auto_class is not None:
-            # Every saved checkpoint can be opened by all three Auto model classes, not just the one it was saved as.
+            # Every saved checkpoint can be opened by every NeoBERT Auto model class, not just the one it was saved as.
             auto_map = dict(getattr(config, "auto_map", None) or {})
             for auto_class, cls_name in _AUTO_MAP.items():
                 auto_map.setdefault(auto_class, f"modeling_neobert.{cls_name}")
@@ -603,10 +609,60 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
         )
 
 
+class NeoBERTForTokenClassification(NeoBERTPreTrainedModel):
+    """Per-token dropout → linear classifier on the final hidden states (NER, POS tagging)."""
+
+    def __init__(self, config: NeoBERTConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = NeoBERTModel(config)
+        p = config.dropout if config.classifier_dropout is None else config.classifier_dropout
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput | tuple:
+        """``logits (B, T, num_labels)``; loss = mean token cross-entropy over labels != -100."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            document_ids=document_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), labels.reshape(-1), ignore_index=-100)
+        if not return_dict:
+            rest = (logits, outputs.hidden_states, outputs.attentions)
+            return tuple(v for v in ((loss,) if loss is not None else ()) + rest if v is not None)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
 __all__ = [
     "NeoBERTModel",
     "NeoBERTForMaskedLM",
     "NeoBERTForSequenceClassification",
+    "NeoBERTForTokenClassification",
     "NeoBERTPreTrainedModel",
     "NeoBERTLayer",
     "NeoBERTAttention",
