@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that does all set-up on a machine with only python3, then runs what you ask for.
 #   bash scripts/dev.sh pretrain [--trainer.max_steps N ...]   # pretrain NeoBERT on the embedded default corpus
+#   bash scripts/dev.sh evaluate [RUN_DIR] [evaluate args]      # probe + PPPL: pretrained tiny model vs random init
 #   bash scripts/dev.sh test [pytest args]                       # run the test suite
 #   bash scripts/dev.sh setup                                    # only create/refresh .venv
 set -euo pipefail
@@ -46,8 +47,20 @@ case "$cmd" in
     cd "$ROOT"
     exec "$PY" scripts/pretraining/pretrain.py configs/pretraining/pretrain_tiny.yaml "$@"
     ;;
+  evaluate)
+    setup
+    export WANDB_MODE="${WANDB_MODE:-disabled}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
+    cd "$ROOT"
+    run_dir="./outputs/tiny"
+    if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then run_dir="$1"; shift; fi
+    if [ ! -f "$run_dir/final/config.json" ]; then
+      echo "[evaluate] no model in $run_dir/final: pretraining the tiny config first (a few minutes)"
+      "$PY" scripts/pretraining/pretrain.py configs/pretraining/pretrain_tiny.yaml --trainer.output_dir "$run_dir"
+    fi
+    exec "$PY" -m neobert_pt.evaluate "$run_dir" --suite probe pppl --pppl-max-tokens 2000 "$@"
+    ;;
   *)
-    sed -n '2,6p' "$0"
+    sed -n '2,7p' "$0"
     exit 2
     ;;
 esac

@@ -1,0 +1,125 @@
+"""Which model to evaluate: a run directory, a ``final/`` (or any ``save_pretrained``) directory, a training
+checkpoint ``checkpoints/step_N``, or a Hub id; and where its results go.
+
+A training checkpoint holds the raw ``accelerator.save_state`` weights plus the run's ``config.yaml``; it is turned
+into a regular Hugging Face model directory (model + tokenizer) in a temporary folder, so every suite loads its head
+with the usual ``from_pretrained``. Results are written next to the model: ``final/`` (or the given model directory)
+for a model, ``RUN/eval/step_N/`` for a checkpoint (a sealed checkpoint is never modified), and
+``./eval_results/<owner>__<name>/`` for a Hub id.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from neobert_pt.evaluate.errors import EvalError
+
+logger = logging.getLogger(__name__)
+
+RESULTS_JSON = "eval_results.json"
+RESULTS_MD = "eval_results.md"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class ModelSource:
+    """A loadable model directory plus what is known about where it came from."""
+
+    spec: str  # what the user passed
+    model_dir: Path  # a from_pretrained-able directory (config.json, weights, tokenizer)
+    results_dir: Path
+    run_dir: Path | None = None
+    step: int | None = None
+    hub_id: str | None = None
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    def cleanup(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def resolve_model(spec: str, results_dir: str | Path | None = None) -> ModelSource:
+    """Turn ``MODEL_OR_RUN_DIR`` into a :class:`ModelSource` (raises :class:`EvalError` with one line)."""
+    path = Path(spec).expanduser()
+    out = Path(results_dir) if results_dir else None
+    if path.is_dir():
+        path = path.resolve()
+        if (path / "final" / "config.json").is_file():
+            return ModelSource(spec, path / "final", out or path / "final", run_dir=path)
+        if (path / "config.json").is_file():
+            parent = path.parent
+            run_dir = parent if (parent / "config.yaml").is_file() else None
+            return ModelSource(spec, path, out or path, run_dir=run_dir)
+        if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file():
+            return _from_checkpoint(spec, path, out)
+        if (path / "checkpoints").is_dir():
+            raise EvalError(f"{path} has no final/ model (the run did not finish or trainer.save_final_model was "
+                            f"false); pass a checkpoint instead, e.g. {path / 'checkpoints' / 'step_N'}")
+        raise EvalError(f"{path} is not a run directory (final/), a model directory (config.json) or a training "
+                        "checkpoint (config.yaml + model.safetensors)")
+    if path.exists():
+        raise EvalError(f"{spec} is a file; pass a run, model or checkpoint directory")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return _from_hub(spec, out)
+    raise EvalError(f"model '{spec}' not found: not a local directory and not a Hub id (owner/name)")
+
+
+def _from_hub(repo_id: str, out: Path | None) -> ModelSource:
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.py", "*.txt", "*.model"])
+    except Exception as err:  # offline, not found, gated: the hub client raises several unrelated types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise EvalError(f"Hub model '{repo_id}' cannot be reached or is not cached ({type(err).__name__}: {first}); "
+                        "pass a local directory (a run dir, final/ or checkpoints/step_N) instead") from err
+    results = out or Path("eval_results") / repo_id.replace("/", "__")
+    return ModelSource(repo_id, Path(local), results, hub_id=repo_id)
+
+
+def _from_checkpoint(spec: str, ckpt: Path, out: Path | None) -> ModelSource:
+    """Materialise ``checkpoints/step_N`` as model + tokenizer in a temporary directory."""
+    import torch
+    from safetensors.torch import load_file
+
+    from neobert_pt.config import load_config
+    from neobert_pt.data import build_tokenizer
+    from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
+
+    run = load_config(ckpt / "config.yaml")
+    tokenizer = build_tokenizer(run)
+    fields = asdict(run.model)
+    vocab = fields.pop("vocab_size") or len(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        model = NeoBERTForMaskedLM(NeoBERTConfig(**fields, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id))
+    result = model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+    missing = [k for k in result.missing_keys if k != "lm_head.weight"]  # the tied decoder is stored once
+    if missing or result.unexpected_keys:
+        raise EvalError(f"{ckpt / 'model.safetensors'} does not match model.* of its config.yaml "
+                        f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+    model.tie_weights()
+    tmp = tempfile.TemporaryDirectory(prefix="neobert_eval_")
+    model.save_pretrained(tmp.name)
+    tokenizer.save_pretrained(tmp.name)
+    match = _STEP.match(ckpt.name)
+    step = int(match.group(1)) if match else None
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    results = out or (run_dir / "eval" / ckpt.name if run_dir else ckpt.parent / f"eval_{ckpt.name}")
+    logger.info("loaded checkpoint %s (step %s) into %s", ckpt, step, tmp.name)
+    return ModelSource(spec, Path(tmp.name), results, run_dir=run_dir, step=step, _tmp=tmp)
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise EvalError(f"no usable tokenizer in {model_dir} ({type(err).__name__}); save one next to the model "
+                        "(the trainer writes it into final/)") from err
