@@ -191,6 +191,17 @@ class TrainerConfig:
     activation_checkpointing: bool = option(False, "Recompute block activations in backward to save memory.")
     torch_compile: bool = option(False, "Compile the model with torch.compile.")
     save_final_model: bool = option(True, "Write the final Hugging Face model + tokenizer to output_dir/final.")
+    downstream_suites: list[Literal["pppl", "probe"]] = option(
+        [],
+        "Cheap downstream suites run on the live model (every rank takes part): 'pppl' (exact pseudo-perplexity "
+        "on the embedded corpus hold-out), 'probe' (word-order probe on the embedded corpus). Logged as "
+        "downstream/<suite>/<metric>; see docs/evaluation.md.",
+    )
+    downstream_steps: int | None = option(
+        None, "Run downstream_suites every N steps (null: at every checkpoint save and at the final step)."
+    )
+    downstream_pppl_tokens: int = option(2048, "PPPL budget: scored tokens per downstream evaluation.")
+    downstream_probe_windows: int = option(400, "Probe budget: corpus windows (x2: as written and shuffled).")
 
     def __post_init__(self) -> None:
         # One spelling downstream: the trainer only ever sees 'latest', a path, or None.
@@ -211,8 +222,10 @@ class TrainerConfig:
             "logging_steps",
             "eval_max_batches",
             "max_consecutive_nonfinite",
+            "downstream_pppl_tokens",
+            "downstream_probe_windows",
         )
-        for name in ("eval_steps", "save_steps", "save_total_limit"):
+        for name in ("eval_steps", "save_steps", "save_total_limit", "downstream_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"trainer.{name} must be >= 1 or null, got {value}.")

@@ -86,13 +86,14 @@ def run_suites(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if {"probe", "pppl"} & set(args.suite):
             from neobert_pt.modeling import NeoBERTForMaskedLM
 
-            mlm = NeoBERTForMaskedLM.from_pretrained(source.model_dir).to(acc.device).eval()
+            # masked-only decoding: PPPL needs the logits of the masked slot of each row, nothing else
+            mlm = NeoBERTForMaskedLM.from_pretrained(source.model_dir, masked_logits_only=True).to(acc.device).eval()
         for suite in args.suite:
             logger.info("suite %s on %s", suite, source.spec)
             if suite == "probe":
                 from neobert_pt.evaluate.suites import run_probe
 
-                done[suite] = run_probe(mlm, tokenizer, window=args.probe_window, max_windows=args.probe_max_windows,
+                done[suite] = run_probe(mlm.model, tokenizer, window=args.probe_window, max_windows=args.probe_max_windows,
                                         seed=args.seed, batch_size=args.batch_size, baseline=not args.no_baseline,
                                         progress=progress)
             elif suite == "pppl":

@@ -5,7 +5,7 @@
 Documents longer than the context are cut into consecutive windows of ``max_length`` tokens (``[CLS] … [SEP]``
 included), so every token is scored exactly once with the window as its context. "Batched" means the copies of one
 window, each with a different position masked, form the rows of one forward; only the masked positions go through
-the decoder. The long-document view (as NeoBERT reports it) buckets windows by token length and gives one PPPL per
+the decoder (``masked_logits_only``). The long-document view (as NeoBERT reports it) buckets windows by token length and gives one PPPL per
 bucket. Work is split over ranks with :mod:`neobert_pt.evaluate.distributed` and the sums are all-reduced.
 """
 
@@ -31,16 +31,23 @@ def windows_of(token_ids: Sequence[int], cls_id: int, sep_id: int, max_length: i
 
 @torch.no_grad()
 def masked_log_probs(model, window: list[int], positions: list[int], mask_id: int) -> torch.Tensor:
-    """log p(true token | window with that one position masked), one row per position, one forward."""
+    """log p(true token | window with that one position masked), one row per position, one forward.
+
+    The whole model is called (labels only at the masked slots), never a sub-module: under FSDP2 the root's forward
+    is what gathers the shared parameters. With ``masked_logits_only`` the decoder runs on the masked slots only.
+    """
     device = next(model.parameters()).device
     ids = torch.tensor(window, device=device)
     pos = torch.tensor(positions, device=device)
-    rows = ids.repeat(len(positions), 1)  # (n, L)
-    rows[torch.arange(len(positions), device=device), pos] = mask_id
-    hidden = model.model(input_ids=rows).last_hidden_state  # (n, L, H)
-    picked = hidden[torch.arange(len(positions), device=device), pos]  # (n, H): only masked slots are decoded
-    logits = model.get_output_embeddings()(picked).float()  # (n, V)
-    return F.log_softmax(logits, dim=-1).gather(1, ids[pos][:, None]).squeeze(1)
+    n = len(positions)
+    rows = ids.repeat(n, 1)  # (n, L)
+    rows[torch.arange(n, device=device), pos] = mask_id
+    labels = torch.full_like(rows, -100)
+    labels[torch.arange(n, device=device), pos] = ids[pos]
+    logits = model(input_ids=rows, labels=labels).logits  # (n, V) masked-only, else (n, L, V)
+    if logits.dim() == 3:
+        logits = logits[torch.arange(n, device=device), pos]
+    return F.log_softmax(logits.float(), dim=-1).gather(1, ids[pos][:, None]).squeeze(1)
 
 
 def bucket_of(length: int, buckets: Sequence[int]) -> str:

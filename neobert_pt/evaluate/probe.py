@@ -42,8 +42,11 @@ def order_examples(
 @torch.no_grad()
 def pooled_features(model, rows: list[list[int]], *, cls_id: int, sep_id: int, batch_size: int = 64,
                     progress: bool = True, desc: str = "probe") -> np.ndarray:
-    """(N, 2H) float32: mean and std over each row's token states (``[CLS]``/``[SEP]`` added, not pooled)."""
-    encoder = model.base_model
+    """(N, 2H) float32: mean and std over each row's token states (``[CLS]``/``[SEP]`` added, not pooled).
+
+    ``model`` is an encoder (``NeoBERTModel``) or a whole MLM; it is called as a whole (FSDP2-safe) and the last
+    entry of ``hidden_states`` (after the final norm) is pooled.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -52,7 +55,7 @@ def pooled_features(model, rows: list[list[int]], *, cls_id: int, sep_id: int, b
     rank, _ = world()
     for idx, weight in tqdm(shard(batches), desc=desc, disable=not progress or rank != 0):
         ids = torch.tensor([[cls_id, *rows[i], sep_id] for i in idx], device=device)  # equal lengths: no padding
-        h = encoder(input_ids=ids).last_hidden_state[:, 1:-1].float()
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, 1:-1].float()
         feats = torch.cat([h.mean(1), h.std(1)], dim=-1).cpu().numpy()
         if weight:
             mine.update(zip(idx, feats, strict=True))

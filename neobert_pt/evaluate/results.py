@@ -21,6 +21,8 @@ def read_results(directory: Path) -> dict[str, Any] | None:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
     if isinstance(value, float):
         return f"{value:.4f}" if math.isfinite(value) and abs(value) < 1e4 else f"{value:.4g}"
     return "-" if value is None else str(value)

@@ -58,3 +58,28 @@ def run_pppl(model, tokenizer, *, texts: Sequence[str] | None = None, source: st
     settings = {"text": source or "given texts", "documents": len(texts), "max_length": max_length,
                 "max_tokens": max_tokens}
     return {"metrics": metrics, "settings": settings}
+
+
+def run_downstream(model, tokenizer, run, *, progress: bool = False) -> dict[str, float]:
+    """``trainer.downstream_suites`` on the live (possibly DDP/FSDP2-wrapped) MLM: flat ``downstream/<suite>/<m>``.
+
+    Every rank must call this (forwards are split evenly, sums all-reduced). The budgets are fixed by the config so
+    values are comparable across checkpoints and runs; the probe's random-init baseline is left to the CLI.
+    """
+    tcfg = run.trainer
+    fraction = run.dataset.eval_fraction if run.dataset.name == "embedded" and run.dataset.eval_fraction else \
+        DEFAULT_HOLDOUT_FRACTION
+    out: dict[str, float] = {}
+    for suite in tcfg.downstream_suites:
+        if suite == "pppl":
+            metrics = run_pppl(model, tokenizer, eval_fraction=fraction, max_length=run.dataset.max_seq_length,
+                               max_tokens=tcfg.downstream_pppl_tokens, batch_size=tcfg.per_device_eval_batch_size,
+                               progress=progress)["metrics"]
+            keep = {k: v for k, v in metrics.items() if k in ("pppl", "tokens")}
+        else:
+            metrics = run_probe(model, tokenizer, max_windows=tcfg.downstream_probe_windows, seed=run.seed,
+                                batch_size=tcfg.per_device_eval_batch_size, baseline=False,
+                                progress=progress)["metrics"]
+            keep = {k: v for k, v in metrics.items() if k in ("accuracy", "train_accuracy")}
+        out.update({f"downstream/{suite}/{k}": float(v) for k, v in keep.items()})
+    return out

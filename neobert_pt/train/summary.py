@@ -59,6 +59,8 @@ def build_summary(records: list[dict[str, Any]], **facts: Any) -> dict[str, Any]
                               default=None),
         "max_attention_logit": _last(records, "train/max_attention_logit"),
     }
+    downstream = sorted({k for r in records for k in r if k.startswith("downstream/")})
+    summary.update({k: _last(records, k) for k in downstream})  # latest value of each downstream metric
     return summary
 
 

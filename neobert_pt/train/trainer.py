@@ -357,6 +357,23 @@ class Trainer:
         count = sums[2].clamp(min=1)
         return {"eval/loss": (sums[0] / count).item(), "eval/accuracy": (sums[1] / count).item()}
 
+    def _downstream_due(self, step: int) -> bool:
+        tcfg = self.run.trainer
+        if not tcfg.downstream_suites:
+            return False
+        if tcfg.downstream_steps is not None:
+            return step % tcfg.downstream_steps == 0 or step == self.max_steps
+        return self.checkpointer.should_save(step)
+
+    def downstream(self) -> dict[str, float]:
+        """``trainer.downstream_suites`` (PPPL, probe) on the live model; every rank enters (work is split)."""
+        from neobert_pt.evaluate.suites import run_downstream
+
+        results = run_downstream(self.unwrapped, self.tokenizer, self.run)
+        self.model.train()
+        self.metrics.message(f"step {self.state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        return results
+
     # ---- the run ----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to ``trainer.max_steps``; save checkpoints, the final model and the summary. Returns the summary."""
@@ -393,6 +410,8 @@ class Trainer:
                 self.metrics.log(step, last_eval)
                 self.metrics.message(f"step {step}: eval loss {last_eval['eval/loss']:.4f} "
                                      f"accuracy {last_eval['eval/accuracy']:.3f}")
+            if self._downstream_due(step):
+                self.metrics.log(step, self.downstream())
             self.metrics.advance(step, {"loss": m["train/loss"], "lr": m["train/lr"],
                                         **({"tok/s": m["train/tokens_per_sec"]} if should_log else {})})
             if self.checkpointer.should_save(step) or any(step == p.end for p in self.plan):  # + phase boundaries
