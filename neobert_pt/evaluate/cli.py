@@ -3,7 +3,8 @@
 MODEL_OR_RUN_DIR: a run directory (uses final/), a model directory (config.json), a training checkpoint
 (RUN/checkpoints/step_N) or a Hub id (owner/name). Results are merged into eval_results.json / eval_results.md next to
 the model (see --output-dir). Under ``accelerate launch`` the work of every suite is split over the processes.
-User errors (missing files, unreachable Hub, bad options) end with ONE line on stderr and exit code 2.
+User errors (missing files, unreachable Hub, bad options) end with ONE line on stderr and exit code 2
+(neobert_pt.cli.run_cli; ``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from neobert_pt.evaluate import SUITES
-from neobert_pt.evaluate.errors import EvalError
 
 logger = logging.getLogger("neobert_pt.evaluate")
 
@@ -138,13 +137,17 @@ def run_suites(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         source.cleanup()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        run_suites(args)
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    run_suites(args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success; a user error (EvalError, ConfigError, ...) is one stderr line and exit 2 (``--debug``:
+    the traceback)."""
+    from neobert_pt.cli import run_cli
+
+    return run_cli(_main, argv, prog="python -m neobert_pt.evaluate")
