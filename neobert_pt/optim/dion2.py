@@ -70,6 +70,11 @@ class Dion2(torch.optim.Optimizer):
     ``split_rows`` (> 1: the matrix stacks that many independent row blocks, e.g. fused QKV = 3; each block is
     selected, orthogonalised and LR-scaled as its own matrix. Not applied to FSDP2 row-sharded params, whose row
     shards cut across blocks: there the matrix is treated whole).
+
+    Arithmetic is upstream's eager arithmetic, rounding points included. One of them is worth knowing: the update is
+    formed as ``(−η̃) * O`` with ``η̃`` an fp32 0-d tensor as the *first* operand, and torch then rounds that scalar to
+    the param dtype, so for bf16 params the step size is ``bf16(η̃)`` (for fp32 params nothing changes). This is kept
+    for bit-parity with upstream (issue 14); Muon's ``O * η̃`` keeps η̃ in fp32, as upstream's Muon does.
     """
 
     def __init__(
@@ -257,7 +262,7 @@ class Dion2(torch.optim.Optimizer):
             ortho = orth(stacked)
         ws = [_local(p) for p in params]
         torch._foreach_mul_(ws, decay)
-        update = ortho.to(ws[0].dtype) * neg_lr
+        update = neg_lr * ortho.to(ws[0].dtype)  # this operand order, as upstream (see the class docstring)
         for w, i, u in zip(ws, picks, update.split(counts), strict=True):
             w.view(-1, rows, cols).scatter_add_(dim, i, u)
 

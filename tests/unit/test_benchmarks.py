@@ -64,3 +64,12 @@ def test_dion_comm_measures_the_spec_formula():
         assert row["measured_ratio"] == pytest.approx(row["formula_ratio"], rel=1e-12), row
     total = next(r for r in payload["results"] if r["matrix"] == "all block matrices")
     assert 0 < total["measured_ratio"] < 1
+
+
+def test_orthogonalize_divergence_reports_mismatch_and_time_ratio():
+    payload = _run("orthogonalize_divergence.py")
+    rows = payload["results"]
+    assert {(r["shape"], r["method"]) for r in rows} == {
+        (s, m) for s in ("8x16", "32x64") for m in ("polar_express", "newton_schulz")}
+    assert all(0 <= r["mismatch_fraction"] <= 1 and r["max_rel_error"] >= 0 for r in rows)
+    assert all(_finite_positive(r["exact_over_fast"]) for r in rows)

@@ -149,3 +149,26 @@ def test_dion2_flatten_and_verbose(caplog: pytest.LogCaptureFixture) -> None:
             o2.step()
     assert torch.equal(conv.detach().reshape(4, 18), flat.detach())
     assert sum("selecting 2 rows" in r.message for r in caplog.records) == 1
+
+
+def test_fast_cpu_orthogonalization_is_an_explicit_opt_in() -> None:
+    """The config key reaches every matrix group (and the log); off by default. The fast path is a different but
+    equally good approximation: close in direction to the exact one, and identical off CPU-only rounding."""
+    from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
+    from neobert_pt.optim import Dion2Config, MuonConfig, OptimizerConfig, OptimizerContext, build_optimizer
+    from neobert_pt.optim.orthogonalize import orthogonalize
+
+    model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=4, intermediate_size=64))
+    for name, block, sub in (("muonclip", "muon_config", MuonConfig), ("dion2", "dion2_config", Dion2Config)):
+        for fast in (False, True):
+            cfg = OptimizerConfig(name=name, **{block: sub(enable_clipping=False, fast_cpu_orthogonalization=fast)})
+            built = build_optimizer(OptimizerContext(model=model, config=cfg, max_steps=10))
+            matrix_groups = [g for g in built.optimizer.param_groups if g["algorithm"] in ("muon", "dion2")]
+            assert matrix_groups and all(g["fast_cpu_orthogonalization"] is fast for g in matrix_groups)
+            assert any("fast_cpu_orthogonalization" in line for line in built.log_lines) is fast
+    x = torch.randn(128, 256, generator=torch.Generator().manual_seed(5))
+    for method in ("polar_express", "newton_schulz", "newton_schulz_kj"):
+        exact, fast = orthogonalize(x, method).double(), orthogonalize(x, method, fast_cpu=True).double()
+        assert torch.nn.functional.cosine_similarity(exact.flatten(), fast.flatten(), dim=0) >= 0.999
+        assert (exact - fast).abs().max() <= 0.06 * exact.abs().max()
