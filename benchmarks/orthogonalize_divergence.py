@@ -3,7 +3,7 @@
 For each size, Gaussian inputs (seeds 0..--seeds-1) go through Polar Express and NS5 twice: the default exact path
 (torch's bf16 matmul, upstream's bits) and ``fast_cpu=True`` (fp32 sgemm rounded once per product). Reported: the
 fraction of output elements that differ, the max |difference| relative to the largest output entry, and the median
-time of each path with their ratio (exact / fast) in this process.
+time of each path (timed in alternation) with their ratio (exact / fast) in this process.
 
     python benchmarks/orthogonalize_divergence.py                       # the table in docs/optimizers.md
     python benchmarks/orthogonalize_divergence.py --smoke               # seconds-long structure check
@@ -24,13 +24,17 @@ from benchmarks.common import emit  # noqa: E402
 from neobert_pt.optim.orthogonalize import orthogonalize  # noqa: E402
 
 
-def _median_ms(fn, repeats: int) -> float:
-    times = []
+def _interleaved_median_ms(fns: list, repeats: int) -> list[float]:
+    """Median ms of each function, timed in alternation so a change in machine load hits both alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        fn()  # warm-up
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+        for fn, t in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            t.append((time.perf_counter() - t0) * 1e3)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def measure(shape: tuple[int, int], method: str, seeds: int, repeats: int) -> dict:
@@ -42,8 +46,8 @@ def measure(shape: tuple[int, int], method: str, seeds: int, repeats: int) -> di
         mismatch.append((diff > 0).float().mean().item())
         rel.append((diff.max() / exact.float().abs().max()).item())
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    t_exact = _median_ms(lambda: orthogonalize(x, method), repeats)
-    t_fast = _median_ms(lambda: orthogonalize(x, method, fast_cpu=True), repeats)
+    t_exact, t_fast = _interleaved_median_ms(
+        [lambda: orthogonalize(x, method), lambda: orthogonalize(x, method, fast_cpu=True)], repeats)
     return {"shape": "x".join(map(str, shape)), "method": method, "mismatch_fraction": max(mismatch),
             "max_rel_error": max(rel), "exact_ms": t_exact, "fast_ms": t_fast, "exact_over_fast": t_exact / t_fast}
 
