@@ -202,6 +202,11 @@ class TrainerConfig:
     )
     downstream_pppl_tokens: int = option(2048, "PPPL budget: scored tokens per downstream evaluation.")
     downstream_probe_windows: int = option(400, "Probe budget: corpus windows (x2: as written and shuffled).")
+    distributed_timeout_s: int = option(
+        600, "Collective timeout in seconds (process group): a stalled or stopped rank makes every other rank fail "
+        "within this time instead of hanging (gloo's default is 30 min). Raise it if rank 0 alone prepares a large "
+        "dataset while the others wait."
+    )
 
     def __post_init__(self) -> None:
         # One spelling downstream: the trainer only ever sees 'latest', a path, or None.
@@ -224,6 +229,7 @@ class TrainerConfig:
             "max_consecutive_nonfinite",
             "downstream_pppl_tokens",
             "downstream_probe_windows",
+            "distributed_timeout_s",
         )
         for name in ("eval_steps", "save_steps", "save_total_limit", "downstream_steps"):
             value = getattr(self, name)

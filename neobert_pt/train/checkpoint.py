@@ -329,7 +329,8 @@ class Checkpointer:
         """Complete checkpoints (sizes match the marker), oldest first."""
         return [p for p in self.step_dirs() if verify(p) is None]
 
-    def _pointer_target(self) -> Path | None:
+    def pointer_target(self) -> Path | None:
+        """The folder the `latest` pointer names (not verified), or None."""
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
@@ -371,7 +372,7 @@ class Checkpointer:
         timeline after a rewind) are ignored and reported. A target that fails verification falls back to the
         previous good checkpoint with a warning naming the file.
         """
-        target = self._pointer_target()
+        target = self.pointer_target()
         if target is None:  # no pointer (first save was killed before publishing it): newest complete one
             found, reasons = self._first_good(self.complete())
             for r in reasons:
@@ -482,7 +483,7 @@ class Checkpointer:
         except (OSError, RuntimeError) as e:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            current = self._pointer_target()
+            current = self.pointer_target()
             raise CheckpointSaveError(
                 f"saving checkpoint step_{step} failed: {_describe_os_error(e, self.root)}; nothing was published "
                 f"and `latest` still points at {current.name if current else 'no checkpoint'}"
@@ -518,7 +519,7 @@ class Checkpointer:
             return
         good = self.complete()
         keep = set(good[-self.save_total_limit:])
-        newest = self._pointer_target() or (good[-1] if good else None)
+        newest = self.pointer_target() or (good[-1] if good else None)
         for p in self.step_dirs():
             if p in keep or p == newest:
                 continue

@@ -22,12 +22,13 @@ import logging
 import math
 import os
 import weakref
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch import nn
 
 from neobert_pt.config.errors import ConfigError
@@ -47,7 +48,7 @@ def bf16_supported() -> bool:
     return True
 
 
-def _enable_fsdp2_on_cpu() -> None:
+def _enable_fsdp2_on_cpu(timeout_s: float | None = None) -> None:
     """Make accelerate honour an FSDP config on a CPU-only multi-process launch.
 
     accelerate enables FSDP only for GPU-like distributed types, so with ``use_cpu: true`` an FSDP config silently
@@ -56,7 +57,7 @@ def _enable_fsdp2_on_cpu() -> None:
     This touches accelerate's private shared state: accelerate is pinned (<1.16) and a test asserts that the
     parameters really are DTensors.
     """
-    state = PartialState(cpu=True)
+    state = PartialState(cpu=True, **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
     state.distributed_type = DistributedType.MULTI_GPU
 
 
@@ -93,8 +94,12 @@ def hsdp_shape(world_size: int | None = None) -> tuple[int, int] | None:
     return replicate, shard
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
-    """The Accelerator for this process, from the environment ``accelerate launch`` set up."""
+def make_accelerator(mixed_precision: str = "no", timeout_s: float | None = None) -> Accelerator:
+    """The Accelerator for this process, from the environment ``accelerate launch`` set up.
+
+    ``timeout_s`` (``trainer.distributed_timeout_s``) bounds every collective: a rank that stalls makes the others
+    raise within that time instead of waiting for gloo's 30 minutes.
+    """
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise ConfigError(
             "DeepSpeed is not supported by neobert_pt (also not for optimizer.name dion, whose compressed sync needs "
@@ -107,7 +112,7 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
         mixed_precision = "no"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if _env_flag("ACCELERATE_USE_FSDP") and world_size > 1 and not torch.cuda.is_available():
-        _enable_fsdp2_on_cpu()
+        _enable_fsdp2_on_cpu(timeout_s)
     elif _env_flag("ACCELERATE_USE_FSDP") and world_size == 1:
         logger.warning("an FSDP accelerate config with one process shards nothing; running without FSDP")
         os.environ["ACCELERATE_USE_FSDP"] = "false"
@@ -116,7 +121,9 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     # A multi-process launch without GPUs must use gloo on CPU; without cpu=True accelerate may start each rank as
     # an independent world-size-1 run (all of them racing on the same checkpoints).
     cpu_ranks = world_size > 1 and not torch.cuda.is_available()
-    acc = Accelerator(cpu=cpu_ranks, mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))] if timeout_s else []
+    acc = Accelerator(cpu=cpu_ranks, mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
+                      kwargs_handlers=handlers)
     if world_size > 1 and acc.num_processes != world_size:
         raise RuntimeError(f"launched {world_size} processes but accelerate formed a group of {acc.num_processes}")
     if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:

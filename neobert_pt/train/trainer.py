@@ -28,7 +28,7 @@ from neobert_pt.config import config_to_dict, save_config
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.config.schema import RunConfig
 from neobert_pt.optim import OptimizerContext, build_optimizer
-from neobert_pt.train import distributed, resume
+from neobert_pt.train import distributed, resume, signals
 from neobert_pt.train import phases as phase_rules
 from neobert_pt.train.budget import resolve_auto
 from neobert_pt.train.checkpoint import Checkpointer, check_writable
@@ -112,7 +112,8 @@ class Trainer:
         self.output_dir = Path(tcfg.output_dir)
         set_seed(run.seed)  # python, numpy, torch: model init and everything else start from the seed
         self._owns_accelerator = accelerator is None
-        self.accelerator = acc = accelerator or distributed.make_accelerator(tcfg.mixed_precision)
+        self.accelerator = acc = accelerator or distributed.make_accelerator(tcfg.mixed_precision,
+                                                                                tcfg.distributed_timeout_s)
         check_writable(self.output_dir)  # a file, read-only or full: one line now, not at the first save
         self._handlers = _setup_logging(self.output_dir, acc.process_index, acc.is_main_process)
         self.metrics: Any = None
@@ -123,6 +124,8 @@ class Trainer:
         self.plan = phase_rules.build_plan(run, acc.num_processes, self.max_steps)  # [] without phases
         self.data_phase = 0  # the phase the train loader was built for
         self.accumulation = tcfg.gradient_accumulation_steps  # micro-batches of the next step
+        self.status = "completed"
+        self._stop = signals.StopOnSignal()
 
         # Decide fresh start vs resume before anything is written into the run directory.
         self.checkpointer = Checkpointer(acc, self.output_dir, save_steps=tcfg.save_steps,
@@ -383,6 +386,7 @@ class Trainer:
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         last_eval: dict[str, float] = {}
         self.model.train()
+        self._stop.install()  # SIGTERM / SIGINT: finish the step, save, summarise, exit 75 (signals.py)
         while self.state.step < self.max_steps:
             next_step = self.state.step + 1
             should_log = next_step % tcfg.logging_steps == 0 or next_step in (1, self.max_steps)
@@ -392,12 +396,7 @@ class Trainer:
             window_steps += 1
             window_tokens += m.pop("train/tokens")
             if self._consecutive_nonfinite >= tcfg.max_consecutive_nonfinite:
-                self._save(step)
-                raise NonFiniteLossError(
-                    f"{self._consecutive_nonfinite} consecutive non-finite steps (last at step {step}); stopped. "
-                    f"The last good weights are in {self.checkpointer.root}/step_{step}. Lower optimizer.lr or "
-                    "raise trainer.max_consecutive_nonfinite."
-                )
+                self._stop_nonfinite(step, m, time.perf_counter() - start_wall)
             if should_log:
                 elapsed = time.perf_counter() - window_start
                 m.update({"train/tokens_per_sec": window_tokens / elapsed, "train/steps_per_sec": window_steps / elapsed,
@@ -416,9 +415,49 @@ class Trainer:
                                         **({"tok/s": m["train/tokens_per_sec"]} if should_log else {})})
             if self.checkpointer.should_save(step) or any(step == p.end for p in self.plan):  # + phase boundaries
                 self._save(step)
+            if self._stop.requested(acc.device) and step < self.max_steps:  # every rank agrees on the step
+                return self._stop_for_signal(step, time.perf_counter() - start_wall)
         if tcfg.save_final_model:
             self.save_final_model()
         return self._finish(time.perf_counter() - start_wall)
+
+    def _stop_for_signal(self, step: int, wall_time: float) -> dict[str, Any]:
+        """After a SIGTERM / SIGINT: checkpoint this step (unless just saved), write the summary, exit code 75."""
+        from neobert_pt.cli import EXIT_INTERRUPTED
+
+        if not self.checkpointer.should_save(step):
+            self._save(step)
+        self.status = f"interrupted by {self._stop.name} after step {step}"
+        self.exit_code = EXIT_INTERRUPTED
+        summary = self._finish(wall_time)
+        logger.warning("stopped by %s after step %d; checkpoint step_%d saved. Continue with "
+                       "--trainer.resume_from_checkpoint latest", self._stop.name, step, step)
+        return summary
+
+    def _stop_nonfinite(self, step: int, metrics: dict[str, float], wall_time: float) -> None:
+        """Too many non-finite steps: record the step, save only finite weights, write the summary, raise."""
+        self.metrics.log(step, {**metrics, "train/nonfinite_skipped": self.state.nonfinite_skipped})
+        finite = torch.ones(1, device=self.accelerator.device)
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if not torch.isfinite(local).all():
+                finite.zero_()
+                break
+        weights_ok = distributed.all_reduce(finite, op="min").item() > 0
+        if weights_ok:
+            self._save(step)
+            where = f"The last good weights are in {self.checkpointer.root / f'step_{step}'}."
+        else:  # e.g. corrupted weights: never publish them, `latest` keeps pointing at the last good checkpoint
+            target = self.checkpointer.pointer_target()
+            where = (f"The weights themselves are non-finite and were NOT saved; `latest` still points at "
+                     f"{target.name if target else 'no checkpoint'}.")
+        self.status = f"stopped: {self._consecutive_nonfinite} consecutive non-finite steps at step {step}"
+        self._finish(wall_time)
+        raise NonFiniteLossError(
+            f"{self._consecutive_nonfinite} consecutive non-finite steps (last at step {step}); stopped. {where} "
+            "Lower optimizer.lr (on resume the current config's value is used) or raise "
+            "trainer.max_consecutive_nonfinite."
+        )
 
     def _save(self, step: int) -> None:
         # Dion with compressed replica sync keeps per-replica momenta; a checkpoint holds their mean (every rank).
@@ -458,7 +497,8 @@ class Trainer:
             steps=self.state.step, tokens=self.state.tokens_seen, nonfinite_skipped=self.state.nonfinite_skipped,
             wall_time_sec=round(wall_time, 2), mode=distributed.mode(acc), world_size=acc.num_processes,
             optimizer=self.run.optimizer.name, params_m=round(self.num_params / 1e6, 3),
-            resumed_from_step=self.resumed_from_step, output_dir=".",  # paths relative to the run directory
+            resumed_from_step=self.resumed_from_step, status=self.status,
+            output_dir=".",  # paths relative to the run directory
             config=CONFIG_FILE,
         )
         if acc.is_main_process:
@@ -470,6 +510,8 @@ class Trainer:
 
     def close(self) -> None:
         """Flush writers, release log handlers and (when the trainer created it) end the accelerator's run."""
+        if getattr(self, "_stop", None) is not None:
+            self._stop.uninstall()
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
             self.metrics = None
