@@ -117,7 +117,7 @@ def make_accelerator(mixed_precision: str = "no", timeout_s: float | None = None
         logger.warning("an FSDP accelerate config with one process shards nothing; running without FSDP")
         os.environ["ACCELERATE_USE_FSDP"] = "false"
     # The scheduler is stepped by the trainer once per optimizer step; accelerate's scheduler wrapper would step it
-    # num_processes times, so the scheduler is never prepared (it is registered for checkpointing instead).
+    # num_processes times, so the scheduler is never prepared (resume.py restores its position).
     # A multi-process launch without GPUs must use gloo on CPU; without cpu=True accelerate may start each rank as
     # an independent world-size-1 run (all of them racing on the same checkpoints).
     cpu_ranks = world_size > 1 and not torch.cuda.is_available()
