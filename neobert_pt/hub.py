@@ -1,21 +1,29 @@
 """Export a trained NeoBERT to the Hugging Face Hub: model + tokenizer + a generated model card.
 
     python -m neobert_pt.hub push RUN_OR_MODEL_DIR --repo-id user/name [--private] [--revision REV] [--token T]
+    python -m neobert_pt.hub push RUN/checkpoints/step_N --repo-id user/name      # to the revision (branch) step_N
     python -m neobert_pt.hub card RUN_OR_MODEL_DIR [--output README.md]
+    python -m neobert_pt.hub release RUN_DIR [--output RUN_DIR/release]           # the same bundle, locally
 
 ``RUN_OR_MODEL_DIR`` is either a run directory (it holds ``final/``, the trainer's ``save_pretrained`` output, plus
 ``config.yaml`` and ``summary.json``) or a model directory (``config.json`` + weights). The card states the
-architecture, the parameter count, the training config and the final metrics when the run directory has them.
+architecture, the parameter count, the training config and the final metrics when the run directory has them, and
+the evaluation results (``eval_results.json`` of ``python -m neobert_pt.evaluate``) as a table plus HF ``model-index``
+metadata. A training checkpoint (``RUN/checkpoints/step_N``) is rebuilt into a model directory first and pushed to
+the revision ``step_N`` unless ``--revision`` says otherwise; its results come from ``RUN/eval/step_N/``.
 Failures (offline, no token, HTTP errors) end with exit code 2 and ONE line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +55,8 @@ class ExportSource:
 
     model_dir: Path
     run_dir: Path | None
+    step: int | None = None  # set for a training checkpoint
+    results_dir: Path | None = None  # where eval_results.json lives (default: model_dir)
 
 
 def resolve_source(path: str | os.PathLike[str]) -> ExportSource:
@@ -59,6 +69,32 @@ def resolve_source(path: str | os.PathLike[str]) -> ExportSource:
         run_dir = parent if (parent / "config.yaml").is_file() or (parent / "summary.json").is_file() else None
         return ExportSource(model_dir=path, run_dir=run_dir)
     raise HubError(f"{path} is neither a run directory (with final/config.json) nor a model directory (config.json)")
+
+
+@contextlib.contextmanager
+def open_source(path: str | os.PathLike[str]) -> Iterator[ExportSource]:
+    """Like :func:`resolve_source`, and also a training checkpoint (rebuilt in a temporary directory)."""
+    from neobert_pt.evaluate.loading import checkpoint_results_dir, is_checkpoint
+
+    path = Path(path).expanduser().resolve()
+    if not is_checkpoint(path):
+        yield resolve_source(path)
+        return
+    from neobert_pt.evaluate.loading import materialize_checkpoint
+
+    tmp, step = materialize_checkpoint(path)
+    try:
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        yield ExportSource(Path(tmp.name), run_dir, step=step, results_dir=checkpoint_results_dir(path))
+    finally:
+        tmp.cleanup()
+
+
+def eval_results(source: ExportSource) -> dict[str, Any] | None:
+    """The ``eval_results.json`` of the model (``None`` when it was never evaluated)."""
+    from neobert_pt.evaluate.loading import RESULTS_JSON
+
+    return _read_json((source.results_dir or source.model_dir) / RESULTS_JSON)
 
 
 def count_parameters(model_dir: Path) -> int:
@@ -117,6 +153,10 @@ def build_model_card(source: ExportSource, repo_id: str | None = None) -> str:
     name = repo_id or (source.run_dir or source.model_dir).name
     arch = (config.get("architectures") or ["NeoBERTForMaskedLM"])[0]
     pipeline = "fill-mask" if arch.endswith("MaskedLM") else "feature-extraction"
+    results = eval_results(source)
+    from neobert_pt.evaluate.card import eval_table, model_index
+
+    index = model_index(name, results) if results else []
     lines = [
         "---",
         "library_name: transformers",
@@ -125,6 +165,12 @@ def build_model_card(source: ExportSource, repo_id: str | None = None) -> str:
         "- neobert",
         "- neobert_pt",
         "- custom_code",
+    ]
+    if index:
+        import yaml
+
+        lines += yaml.safe_dump({"model-index": index}, sort_keys=False, allow_unicode=True).rstrip().splitlines()
+    lines += [
         "---",
         CARD_MARKER,
         f"# {name}",
@@ -156,11 +202,24 @@ def build_model_card(source: ExportSource, repo_id: str | None = None) -> str:
         "Packed inputs are supported: pass `document_ids` (document index per token, -1 on padding) and "
         "`position_ids` restarting at 0 per document; attention is then block-diagonal per document.",
     ]
+    if source.step is not None:
+        lines += ["", f"This is the intermediate checkpoint at optimizer step {source.step}."]
+    if results:
+        lines += ["", "## Evaluation", "",
+                  "Computed with `python -m neobert_pt.evaluate` (suites, recipes and definitions: docs/evaluation.md "
+                  "of neobert_pt). GLUE/NER values are validation means ± std over fine-tuning seeds.", ""]
+        lines += eval_table(results)
+        for suite, block in results.get("suites", {}).items():
+            if block.get("recipe"):
+                import yaml
+
+                recipe = yaml.safe_dump(block["recipe"], sort_keys=False).rstrip()
+                lines += ["", f"{suite} recipe:", "", "```yaml", relative_paths(recipe, source.run_dir), "```"]
     run_config = source.run_dir / "config.yaml" if source.run_dir else None
     if run_config is not None and run_config.is_file():
         config_text = relative_paths(run_config.read_text(encoding="utf-8").rstrip(), source.run_dir)
         lines += ["", "## Training configuration", "", "```yaml", config_text, "```"]
-    summary = _read_json(source.run_dir / "summary.json") if source.run_dir else None
+    summary = _read_json(source.run_dir / "summary.json") if source.run_dir and source.step is None else None
     if summary:
         scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
         lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
@@ -193,6 +252,15 @@ def _resolve_token(token: str | None) -> str:
     return token
 
 
+def _copy_eval_results(source: ExportSource, target: Path) -> None:
+    from neobert_pt.evaluate.loading import RESULTS_JSON, RESULTS_MD
+
+    results_dir = source.results_dir or source.model_dir
+    for name in (RESULTS_JSON, RESULTS_MD):
+        if (results_dir / name).is_file() and results_dir.resolve() != target.resolve():
+            shutil.copy2(results_dir / name, target / name)
+
+
 def push(
     path: str | os.PathLike[str],
     repo_id: str,
@@ -200,20 +268,30 @@ def push(
     private: bool = False,
     revision: str | None = None,
     token: str | None = None,
-    commit_message: str = "Upload NeoBERT model (neobert_pt)",
+    commit_message: str | None = None,
 ) -> str:
-    """Create ``repo_id`` (if needed) and upload model + tokenizer + card. Returns the commit URL.
+    """Create ``repo_id`` (if needed) and upload model + tokenizer + card (+ eval results). Returns the commit URL.
 
-    The Hub endpoint is read from ``HF_ENDPOINT`` at call time (so a local stand-in server can be used).
+    A training checkpoint goes to the revision ``step_N`` unless ``revision`` is given (the branch is created from
+    main when missing). The Hub endpoint is read from ``HF_ENDPOINT`` at call time (so a local stand-in server can
+    be used).
     """
     if _offline():
         raise HubError("cannot push: offline mode is on (HF_HUB_OFFLINE=1); unset it to reach the Hub")
     token = _resolve_token(token)
-    source = resolve_source(path)
-    if not any((source.model_dir / f).is_file() for f in TOKENIZER_FILES):
-        print(f"warning: no tokenizer files in {source.model_dir}; pushing the model only", file=sys.stderr)
-    write_card(source, repo_id=repo_id)
+    with open_source(path) as source:
+        if source.step is not None:
+            revision = revision or f"step_{source.step}"
+            _copy_eval_results(source, source.model_dir)
+        if not any((source.model_dir / f).is_file() for f in TOKENIZER_FILES):
+            print(f"warning: no tokenizer files in {source.model_dir}; pushing the model only", file=sys.stderr)
+        write_card(source, repo_id=repo_id)
+        message = commit_message or ("Upload NeoBERT model (neobert_pt)" if source.step is None
+                                     else f"Upload NeoBERT checkpoint at step {source.step} (neobert_pt)")
+        return _upload(source.model_dir, repo_id, private=private, revision=revision, token=token, message=message)
 
+
+def _upload(folder: Path, repo_id: str, *, private: bool, revision: str | None, token: str, message: str) -> str:
     from huggingface_hub import HfApi
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
@@ -224,9 +302,9 @@ def push(
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(
             repo_id=repo_id,
-            folder_path=source.model_dir,
+            folder_path=folder,
             revision=revision,
-            commit_message=commit_message,
+            commit_message=message,
             ignore_patterns=[".*", "__pycache__/*"],
         )
     except Exception as err:  # HTTP status, transport (the HTTP client varies by hub version), bad repo id
@@ -235,15 +313,51 @@ def push(
     return str(getattr(info, "commit_url", info))
 
 
+RELEASE_RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "summary.md", "loss_curve.png")
+
+
+def release(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
+            repo_id: str | None = None) -> Path:
+    """Write the Hub bundle locally: model + tokenizer + config (loadable with ``from_pretrained``), the run's
+    ``config.yaml``, ``metrics.jsonl``, summary and loss curve, ``eval_results.json``/``.md`` and the card
+    (``README.md``). Default output: ``RUN/release`` (``RUN/release_step_N`` for a checkpoint). Returns it."""
+    with open_source(path) as source:
+        base = source.run_dir or source.model_dir.parent
+        out = Path(output) if output else base / ("release" if source.step is None else f"release_step_{source.step}")
+        if out.exists() and any(out.iterdir()):
+            readme = out / "README.md"
+            if not (readme.is_file() and CARD_MARKER in readme.read_text(encoding="utf-8")):
+                raise HubError(f"{out} exists and is not a release bundle written here; pass --output to a new or "
+                               "empty directory")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for item in source.model_dir.iterdir():
+            if item.is_file() and not item.name.startswith("."):
+                shutil.copy2(item, out / item.name)
+            elif item.is_dir() and not item.name.startswith((".", "__")):
+                shutil.copytree(item, out / item.name)
+        if source.run_dir is not None:
+            for name in RELEASE_RUN_FILES:
+                if (source.run_dir / name).is_file() and not (source.step is not None and name.startswith("summary")):
+                    shutil.copy2(source.run_dir / name, out / name)
+        _copy_eval_results(source, out)
+        (out / "README.md").write_text(build_model_card(source, repo_id=repo_id), encoding="utf-8")
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neobert_pt.hub", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("push", help="upload model + tokenizer + model card to the Hub")
-    p.add_argument("path", help="run directory (with final/) or model directory")
+    p.add_argument("path", help="run directory (with final/), model directory, or checkpoints/step_N")
     p.add_argument("--repo-id", required=True, help="target repository, e.g. user/neobert-100m")
     p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
+    p.add_argument("--revision", default=None, help="branch to push to, e.g. step_N (created if missing; default main, step_N for a checkpoint)")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    r = sub.add_parser("release", help="write the release bundle (model, tokenizer, metrics, eval, card) locally")
+    r.add_argument("path", help="run directory (with final/), model directory or checkpoints/step_N")
+    r.add_argument("--output", type=Path, default=None, help="bundle directory (default: RUN/release)")
+    r.add_argument("--repo-id", default=None, help="repository name used in the card's usage snippet")
     c = sub.add_parser("card", help="write the generated model card only")
     c.add_argument("path", help="run directory (with final/) or model directory")
     c.add_argument("--output", type=Path, default=None, help="card path (default: <model dir>/README.md)")
@@ -256,6 +370,8 @@ def _main(argv: list[str]) -> int:
     if args.command == "push":
         url = push(args.path, args.repo_id, private=args.private, revision=args.revision, token=args.token)
         print(f"pushed {args.repo_id}: {url}")
+    elif args.command == "release":
+        print(f"wrote release bundle {release(args.path, args.output, repo_id=args.repo_id)}")
     else:
         target = write_card(resolve_source(args.path), output=args.output, repo_id=args.repo_id)
         print(f"wrote {target}")

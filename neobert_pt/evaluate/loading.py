@@ -56,7 +56,7 @@ def resolve_model(spec: str, results_dir: str | Path | None = None) -> ModelSour
             parent = path.parent
             run_dir = parent if (parent / "config.yaml").is_file() else None
             return ModelSource(spec, path, out or path, run_dir=run_dir)
-        if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file():
+        if is_checkpoint(path):
             return _from_checkpoint(spec, path, out)
         if (path / "checkpoints").is_dir():
             raise EvalError(f"{path} has no final/ model (the run did not finish or trainer.save_final_model was "
@@ -83,8 +83,14 @@ def _from_hub(repo_id: str, out: Path | None) -> ModelSource:
     return ModelSource(repo_id, Path(local), results, hub_id=repo_id)
 
 
-def _from_checkpoint(spec: str, ckpt: Path, out: Path | None) -> ModelSource:
-    """Materialise ``checkpoints/step_N`` as model + tokenizer in a temporary directory."""
+def is_checkpoint(path: Path) -> bool:
+    """A trainer checkpoint (``accelerator.save_state`` weights + ``config.yaml``), not a ``save_pretrained`` dir."""
+    return (path / "config.yaml").is_file() and (path / "model.safetensors").is_file() \
+        and not (path / "config.json").is_file()
+
+
+def materialize_checkpoint(ckpt: Path) -> tuple[tempfile.TemporaryDirectory, int | None]:
+    """``checkpoints/step_N`` as model + tokenizer in a temporary directory (caller cleans it up) and its step."""
     import torch
     from safetensors.torch import load_file
 
@@ -104,15 +110,25 @@ def _from_checkpoint(spec: str, ckpt: Path, out: Path | None) -> ModelSource:
         raise EvalError(f"{ckpt / 'model.safetensors'} does not match model.* of its config.yaml "
                         f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
     model.tie_weights()
-    tmp = tempfile.TemporaryDirectory(prefix="neobert_eval_")
+    tmp = tempfile.TemporaryDirectory(prefix="neobert_ckpt_")
     model.save_pretrained(tmp.name)
     tokenizer.save_pretrained(tmp.name)
     match = _STEP.match(ckpt.name)
-    step = int(match.group(1)) if match else None
+    logger.info("loaded checkpoint %s into %s", ckpt, tmp.name)
+    return tmp, (int(match.group(1)) if match else None)
+
+
+def checkpoint_results_dir(ckpt: Path) -> Path:
+    """Where the results of a checkpoint go: ``RUN/eval/step_N`` (a sealed checkpoint is never modified)."""
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    results = out or (run_dir / "eval" / ckpt.name if run_dir else ckpt.parent / f"eval_{ckpt.name}")
-    logger.info("loaded checkpoint %s (step %s) into %s", ckpt, step, tmp.name)
-    return ModelSource(spec, Path(tmp.name), results, run_dir=run_dir, step=step, _tmp=tmp)
+    return run_dir / "eval" / ckpt.name if run_dir else ckpt.parent / f"eval_{ckpt.name}"
+
+
+def _from_checkpoint(spec: str, ckpt: Path, out: Path | None) -> ModelSource:
+    tmp, step = materialize_checkpoint(ckpt)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    return ModelSource(spec, Path(tmp.name), out or checkpoint_results_dir(ckpt), run_dir=run_dir, step=step,
+                       _tmp=tmp)
 
 
 def load_tokenizer(model_dir: Path):

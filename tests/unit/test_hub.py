@@ -181,3 +181,110 @@ def test_unreachable_endpoint_fails_with_one_line(run_dir, hub_server, monkeypat
     code = main(["push", str(run_dir), "--repo-id", "me/x", "--token", "hf_fake"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "push to http://127.0.0.1:9 failed" in err
+
+
+# ---- evaluation results in the card, checkpoint revisions, the local release bundle -------------------------------
+
+def _eval_results(model_dir: Path) -> None:
+    from neobert_pt.evaluate.results import write_results
+
+    write_results(model_dir, "tiny", None, {
+        "probe": {"metrics": {"accuracy": 0.875, "random_init_accuracy": 0.5, "margin": 0.375, "test_examples": 600.0}},
+        "glue": {"metrics": {"cola/matthews": 0.5, "cola/matthews_std": 0.1, "stsb/pearson": 0.8,
+                             "stsb/pearson_std": 0.02, "average": 0.65},
+                 "recipe": {"learning_rates": [2e-5], "seeds": [0, 1, 2]}},
+    })
+
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_card_has_eval_table_and_model_index(run_dir):
+    _eval_results(run_dir / "final")
+    card = build_model_card(resolve_source(run_dir), repo_id="me/tiny")
+    assert "## Evaluation" in card
+    assert "| glue | cola/matthews | 0.5000 ± 0.1000 |" in card and "| probe | margin | 0.3750 |" in card
+    assert "learning_rates" in card  # the GLUE recipe is printed
+    index = _front_matter(card)["model-index"]
+    assert index[0]["name"] == "me/tiny"
+    results = {r["task"]["name"]: r for r in index[0]["results"]}
+    cola = results["GLUE COLA"]
+    assert cola["dataset"] == {"type": "nyu-mll/glue", "name": "GLUE COLA", "config": "cola", "split": "validation"}
+    assert cola["metrics"] == [{"type": "matthews_correlation", "value": 0.5, "name": "cola/matthews"}]
+    probe = results["Word-order probe (frozen encoder)"]["metrics"]
+    assert {m["name"] for m in probe} == {"accuracy", "random_init_accuracy", "margin"}  # no counts, no std
+
+
+def test_push_over_http_includes_eval_table_and_model_index(run_dir, hub_server, capsys):
+    _eval_results(run_dir / "final")
+    assert main(["push", str(run_dir), "--repo-id", "me/tiny", "--token", "hf_fake"]) == 0, capsys.readouterr().err
+    readme = hub_server.files["README.md"].decode()
+    assert "| glue | stsb/pearson | 0.8000 ± 0.0200 |" in readme
+    assert _front_matter(readme)["model-index"][0]["results"]
+    assert "eval_results.json" in hub_server.files and hub_server.revisions == ["main"]
+
+
+@pytest.fixture
+def checkpoint(run_dir):
+    """RUN/checkpoints/step_5 as the trainer writes it (raw weights + config.yaml) and its eval results."""
+    from safetensors.torch import save_file
+
+    from neobert_pt.config import load_config, save_config
+    from neobert_pt.evaluate.results import write_results
+
+    run = load_config(None, ["--model.hidden_size", "32", "--model.num_hidden_layers", "1",
+                             "--model.num_attention_heads", "2", "--model.intermediate_size", "64",
+                             "--model.max_position_embeddings", "64", "--dataset.max_seq_length", "32"])
+    torch.manual_seed(1)
+    model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64,
+                                             max_position_embeddings=64, pad_token_id=0))
+    ckpt = run_dir / "checkpoints" / "step_5"
+    ckpt.mkdir(parents=True)
+    save_file({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, ckpt / "model.safetensors")
+    save_config(run, ckpt / "config.yaml")
+    write_results(run_dir / "eval" / "step_5", str(ckpt), 5, {"pppl": {"metrics": {"pppl": 123.5, "tokens": 60.0}}})
+    return ckpt, model
+
+
+def test_checkpoint_push_lands_on_its_revision(run_dir, checkpoint, hub_server, tmp_path, capsys):
+    ckpt, model = checkpoint
+    assert main(["push", str(ckpt), "--repo-id", "me/tiny", "--token", "hf_fake"]) == 0, capsys.readouterr().err
+    assert hub_server.branches == ["step_5"] and hub_server.revisions == ["step_5"]
+    readme = hub_server.files["README.md"].decode()
+    assert "optimizer step 5" in readme and "| pppl | pppl | 123.5000 |" in readme
+    assert "Final metrics" not in readme  # the run's final summary does not describe step 5
+    landed = tmp_path / "landed_step5"
+    landed.mkdir()
+    for name, data in hub_server.files.items():
+        (landed / name).write_bytes(data)
+    reloaded = AutoModelForMaskedLM.from_pretrained(landed).eval()
+    assert torch.equal(reloaded.model.embeddings.weight, model.model.embeddings.weight)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "model.safetensors"]  # checkpoint untouched
+
+    hub_server.branches.clear(), hub_server.revisions.clear()
+    assert main(["push", str(ckpt), "--repo-id", "me/tiny", "--revision", "v0.1-step5", "--token", "hf_fake"]) == 0
+    assert hub_server.branches == ["v0.1-step5"] and hub_server.revisions == ["v0.1-step5"]
+
+
+def test_release_bundle_is_written_locally(run_dir, capsys):
+    _eval_results(run_dir / "final")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n')
+    (run_dir / "loss_curve.png").write_bytes(b"\x89PNG fake")
+    assert main(["release", str(run_dir)]) == 0, capsys.readouterr().err
+    out = run_dir / "release"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "modeling_neobert.py", "config.yaml",
+                 "metrics.jsonl", "summary.json", "loss_curve.png", "eval_results.json", "eval_results.md",
+                 "README.md"):
+        assert (out / name).is_file(), name
+    assert "model-index" in (out / "README.md").read_text() and "## Evaluation" in (out / "README.md").read_text()
+    assert AutoModelForMaskedLM.from_pretrained(out) is not None
+    assert main(["release", str(run_dir)]) == 0  # rewriting its own bundle is fine
+    capsys.readouterr()
+    (run_dir / "elsewhere").mkdir()
+    (run_dir / "elsewhere" / "notes.txt").write_text("mine")
+    assert main(["release", str(run_dir), "--output", str(run_dir / "elsewhere")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and (run_dir / "elsewhere" / "notes.txt").is_file()
