@@ -82,6 +82,13 @@ def restore(checkpointer: Checkpointer, path: Path, *, run: Any, model: torch.nn
         changes = config_changes(saved_yaml, run)
     except Exception as e:  # noqa: BLE001 - a broken config.yaml is reported by the file check below anyway
         raise CheckpointError(f"cannot read {config_file}: {type(e).__name__}: {e}") from None
+    renamed = next(((old, new) for key, old, new in changes if key == "optimizer.name"), None)
+    if renamed:
+        raise CheckpointError(
+            f"cannot resume from {path}: optimizer.name was {renamed[0]!r} in the checkpoint and is {renamed[1]!r} "
+            "now; an optimizer cannot continue from another one's state. Resume with optimizer.name "
+            f"{renamed[0]!r}, or start a new run"
+        )
     mismatched = _shape_mismatches(path, model)
     if mismatched:
         fields = [f"{k} {old} → {new}" for k, old, new in changes if k.startswith("model.")]

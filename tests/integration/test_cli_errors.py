@@ -163,6 +163,20 @@ def test_resume_with_a_different_model_size_names_the_field(capsys, finished_run
     assert_one_line_error(capsys, pretrain.main, argv, "model.intermediate_size 64 → 96")
 
 
+def test_resume_with_another_optimizer_names_both(capsys, finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    argv = _run_argv(out, "--trainer.resume_from_checkpoint", "latest", "--optimizer.name", "dion2",
+                     "--trainer.max_steps", "3")
+    assert_one_line_error(capsys, pretrain.main, argv, "optimizer.name was 'adamw'", "'dion2'")
+
+
+def test_resume_with_another_batch_size_is_one_line(capsys, finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    argv = _run_argv(out, "--trainer.resume_from_checkpoint", "latest", "--trainer.per_device_train_batch_size", "2",
+                     "--trainer.max_steps", "3")
+    assert_one_line_error(capsys, pretrain.main, argv, "batch_size was 4")
+
+
 def test_resume_from_a_tampered_checkpoint_is_refused(capsys, finished_run, tmp_path):
     from neobert_pt.train.checkpoint import file_digest
 
