@@ -16,6 +16,7 @@ FAMILY_100M = {
     "pretrain_neobert100m_smollm2data.yaml": "adamw",
     "pretrain_neobert100m_smollm2data_muonclip.yaml": "muonclip",
     "pretrain_neobert100m_smollm2data_dion2.yaml": "dion2",
+    "pretrain_neobert100m_smollm2data_dion.yaml": "dion",
     "pretrain_neobert100m_smollm2data_adana.yaml": "adana",
     "pretrain_neobert100m_smollm2data_dana_star_mk4.yaml": "dana-star-mk4",
 }
