@@ -74,8 +74,10 @@ def run_suites(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
     from neobert_pt.evaluate.loading import load_tokenizer, resolve_model
     from neobert_pt.evaluate.results import results_markdown, write_results
+    from neobert_pt.train.distributed import make_accelerator
 
-    acc = Accelerator(cpu=args.cpu)
+    # the launch's process group (gloo on CPU ranks) and device; models are never wrapped: suites split the work
+    acc = Accelerator(cpu=True) if args.cpu else make_accelerator()
     source = resolve_model(args.model, args.output_dir)
     progress = not args.no_progress and acc.is_main_process
     try:
