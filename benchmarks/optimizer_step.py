@@ -34,6 +34,8 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("dana-mk4", "dana-mk4", {}),
     ("dana-star", "dana-star", {}),
     ("dana-star-mk4", "dana-star-mk4", {}),
+    ("adana-fused", "adana", {"dana_config": {"update_kernel": "compiled"}}),
+    ("dana-star-mk4-fused", "dana-star-mk4", {"dana_config": {"update_kernel": "compiled"}}),
     ("muonclip", "muonclip", {"muon_config": {"enable_clipping": True, "clipping_interval": 1}}),
     ("dion2", "dion2", {}),
     ("dion2_qk", "dion2", {"dion2_config": {"enable_clipping": True, "clipping_interval": 1}}),
@@ -115,11 +117,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--optimizers", nargs="+", default=DEFAULT_VARIANTS,
-                   help="labels to run; also muonclip_noclip, muonclip_fastcpu, dion2_fastcpu (exact vs fast CPU path)")
+                   help="labels to run; also muonclip_noclip, muonclip_fastcpu, dion2_fastcpu (exact vs fast CPU path); "
+                   "the *-fused ones compile the DANA kernel once (tens of seconds on a CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat: checks the output structure only")
     args = p.parse_args(argv)
     if args.smoke:
+        if "--optimizers" not in (argv if argv is not None else sys.argv):  # compiling is not a structure check
+            args.optimizers = [o for o in args.optimizers if not o.endswith("-fused")]
         args.widths, args.layers, args.vocab_size, args.repeats, args.warmup = [64], 1, 256, 1, 1
         args.batch, args.seq_len = 2, 16
     device = pick_device(args.device)

@@ -190,6 +190,11 @@ class TrainerConfig:
     dataloader_num_workers: int = option(0, "DataLoader worker processes.")
     activation_checkpointing: bool = option(False, "Recompute block activations in backward to save memory.")
     torch_compile: bool = option(False, "Compile the model with torch.compile.")
+    peak_tflops: float | None = option(
+        None,
+        "Peak TFLOP/s per device that train/mfu divides by (null: the bf16 dense peak of the device from the table "
+        "in neobert_pt/train/flops.py; a CPU or an unlisted GPU then logs train/tflops only).",
+    )
     save_final_model: bool = option(True, "Write the final Hugging Face model + tokenizer to output_dir/final.")
     downstream_suites: list[Literal["pppl", "probe"]] = option(
         [],
@@ -237,6 +242,8 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{name} must be >= 1 or null, got {value}.")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"trainer.max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}.")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"trainer.peak_tflops must be > 0 or null (look the device up), got {self.peak_tflops}.")
         if self.dataloader_num_workers < 0:
             raise ConfigError(f"trainer.dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
 

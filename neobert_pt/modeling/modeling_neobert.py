@@ -494,6 +494,7 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -502,7 +503,9 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
         """MLM forward. Loss = sum of token CE / ``num_items_in_batch`` when given, else the mean over labels.
 
         With ``config.masked_logits_only`` and labels, ``logits`` is ``(num_masked, V)`` in the order of
-        ``labels.flatten() != -100``; otherwise ``(B, T, V)``.
+        ``labels.flatten() != -100``; otherwise ``(B, T, V)``. ``masked_positions`` (optional) are those flat
+        indices, ascending, computed on the host (the collator does): selecting with them needs no device->host sync,
+        where the boolean selection must read the number of masked tokens back from the device.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
@@ -519,9 +522,11 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
         loss = None
         if labels is not None and self.config.masked_logits_only:
             flat_labels = labels.flatten()
-            selected = flat_labels != -100
-            logits = self.lm_head(hidden.flatten(0, 1)[selected])  # (N, V)
-            targets = flat_labels[selected]
+            if masked_positions is None:
+                masked_positions = (flat_labels != -100).nonzero().squeeze(-1)  # device->host sync (the count)
+            masked_positions = masked_positions.to(hidden.device)
+            logits = self.lm_head(hidden.flatten(0, 1).index_select(0, masked_positions))  # (N, V)
+            targets = flat_labels.index_select(0, masked_positions)
         else:
             logits = self.lm_head(hidden)  # (B, T, V)
             targets = None if labels is None else labels.flatten()

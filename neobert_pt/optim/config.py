@@ -201,6 +201,11 @@ class DanaConfig:
     wd_decaying: bool = option(True, "Decay the weight decay over time: divide it by (1 + t / wd_ts).")
     gamma_3_factor: float = option(1.0, "Scale of the whole momentum term (plain + Nesterov); 0 gives RMSprop.")
     foreach: bool = option(True, "Multi-tensor (torch._foreach) kernels; false steps one tensor at a time (same maths).")
+    update_kernel: Literal["auto", "eager", "compiled"] = option(
+        "auto",
+        "DANA update kernel: 'compiled' = one torch.compile'd elementwise pass per tensor (compiles once, tens of "
+        "seconds on a CPU); 'eager' = the foreach kernels; 'auto' = compiled on CUDA when torch.compile works, else eager.",
+    )
 
     def __post_init__(self) -> None:
         checks = (

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from neobert_pt.config.errors import ConfigError
+from neobert_pt.optim import dana_fused
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register, torch_param_groups
 
 try:  # DTensor is only present on builds with distributed support.
@@ -271,8 +272,12 @@ class _DanaBase(_LogTimeOptimizer):
         gamma_3_factor: float = 1.0,
         *,
         foreach: bool = False,
+        fused: bool = False,
     ) -> None:
         _check_dana_args(lr, delta, epsilon, weight_decay, clipsnr, wd_ts)
+        # fused: one torch.compile'd elementwise kernel per tensor (dana_fused.py); not a group hyperparameter, so
+        # a checkpoint does not carry it and the configured choice applies on resume.
+        self.fused = fused
         defaults = dict(
             lr=lr, peak_lr=lr, delta=delta, kappa=kappa, epsilon=epsilon, weight_decay=weight_decay,
             clipsnr=clipsnr, wd_decaying=wd_decaying, wd_ts=wd_ts, gamma_3_factor=gamma_3_factor, foreach=foreach,
@@ -298,7 +303,11 @@ class ADana(_DanaBase):
     _state_names = ("m", "v")
 
     def _update(self, group, params, grads, state, t, lr, f):  # type: ignore[no-untyped-def]
-        adana_update(params, grads, state["m"], state["v"], **self._scalars(group, t, lr, f))
+        scalars = self._scalars(group, t, lr, f)
+        if self.fused and dana_fused.run_fused("adana", [params, grads, state["m"], state["v"]],
+                                               dana_fused.adana_scalars(**scalars)):
+            return
+        adana_update(params, grads, state["m"], state["v"], **scalars)
 
 
 class DanaStar(_DanaBase):
@@ -312,7 +321,11 @@ class DanaStar(_DanaBase):
     _state_names = ("m", "v", "tau")
 
     def _update(self, group, params, grads, state, t, lr, f):  # type: ignore[no-untyped-def]
-        dana_star_update(params, grads, state["m"], state["v"], state["tau"], **self._scalars(group, t, lr, f))
+        scalars = self._scalars(group, t, lr, f)
+        tensors = [params, grads, state["m"], state["v"], state["tau"]]
+        if self.fused and dana_fused.run_fused("dana_star", tensors, dana_fused.dana_star_scalars(**scalars)):
+            return
+        dana_star_update(*tensors, **scalars)
 
 
 class AdamWDecayingWD(_LogTimeOptimizer):
@@ -375,17 +388,35 @@ def _build_dana(ctx: OptimizerContext, cls: type[_DanaBase], clip: bool) -> Buil
     # Independent-WD convention: omega / wd_ts, NOT the legacy omega / (lr * wd_ts) (spec §0, correction 2).
     weight_decay = cfg.omega / wd_ts
     clipsnr = cfg.clipsnr if clip else None
+    fused, why = resolve_update_kernel(cfg.update_kernel)
     groups = torch_param_groups(ctx, weight_decay)
     opt = cls(
         groups, lr=ctx.peak_lr, delta=cfg.delta, kappa=cfg.kappa, epsilon=ctx.config.eps, weight_decay=weight_decay,
         clipsnr=clipsnr, wd_decaying=cfg.wd_decaying, wd_ts=wd_ts, gamma_3_factor=cfg.gamma_3_factor,
-        foreach=cfg.foreach,
+        foreach=cfg.foreach, fused=fused,
     )
     line = (
         f"{ctx.config.name}: kappa={cfg.kappa} delta={cfg.delta} clipsnr={clipsnr} gamma_3={cfg.gamma_3_factor} "
         f"weight_decay=omega/wd_ts={cfg.omega}/{wd_ts:g}={weight_decay:.3g} (matrix groups) wd_decaying={cfg.wd_decaying}"
     )
-    return BuiltOptimizer(optimizer=opt, log_lines=[line])
+    kernel_line = f"{ctx.config.name} update: {'fused, ' if fused else 'eager foreach kernels, '}{why}"
+
+    return BuiltOptimizer(optimizer=opt, log_lines=[line, kernel_line])
+
+
+def resolve_update_kernel(choice: str) -> tuple[bool, str]:
+    """dana_config.update_kernel -> (fused?, why): 'auto' fuses on CUDA when torch.compile can, eager elsewhere."""
+    ok, how = dana_fused.compiled_available()
+    if choice == "eager":
+        return False, "dana_config.update_kernel=eager"
+    if choice == "compiled":
+        if not ok:
+            raise ConfigError(f"optimizer.dana_config.update_kernel=compiled is unavailable here ({how}); use 'auto' "
+                              "or 'eager'")
+        return True, f"{how} (dana_config.update_kernel=compiled)"
+    if ok and torch.cuda.is_available():
+        return True, f"{how} (auto: CUDA)"
+    return False, f"auto: {'CPU (set update_kernel: compiled to fuse; compiles once)' if ok else how}"
 
 
 @register("adana")

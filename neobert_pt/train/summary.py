@@ -55,6 +55,8 @@ def build_summary(records: list[dict[str, Any]], **facts: Any) -> dict[str, Any]
         "final_eval_accuracy": _last(records, "eval/accuracy"),
         "tokens_per_sec": _steady_mean(records, "train/tokens_per_sec"),
         "steps_per_sec": _steady_mean(records, "train/steps_per_sec"),
+        "tflops_per_device": _steady_mean(records, "train/tflops"),
+        "mfu": _steady_mean(records, "train/mfu"),
         "peak_memory_mb": max((r["train/peak_memory_mb"] for r in records if "train/peak_memory_mb" in r),
                               default=None),
         "max_attention_logit": _last(records, "train/max_attention_logit"),

@@ -32,6 +32,7 @@ from neobert_pt.train import distributed, resume, signals
 from neobert_pt.train import phases as phase_rules
 from neobert_pt.train.budget import resolve_auto
 from neobert_pt.train.checkpoint import Checkpointer, check_writable
+from neobert_pt.train.flops import mfu, peak_tflops_for, throughput_flops
 from neobert_pt.train.metrics import METRICS_FILE, build_metric_logger, peak_memory_mb
 from neobert_pt.train.scheduler import build_scheduler, effective_warmup
 from neobert_pt.train.summary import build_summary, read_metrics, summary_table, write_summary
@@ -94,6 +95,15 @@ def _close_on_failure(init: Any) -> Any:
             raise
 
     return wrapper
+
+
+def with_masked_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add ``masked_positions`` (flat indices of the labelled tokens) computed on the HOST while the labels are still
+    there: the model's masked-logits path then needs no device->host sync to count them. A no-op for a batch that
+    has them or whose labels already live on an accelerator."""
+    if "masked_positions" in batch or batch["labels"].device.type != "cpu":
+        return batch
+    return {**batch, "masked_positions": batch["labels"].flatten().ne(-100).nonzero().squeeze(-1)}
 
 
 class Trainer:
@@ -173,6 +183,7 @@ class Trainer:
         self.state = TrainState()  # saved as JSON by the checkpointer, never registered as a pickled object
 
         self.resumed_from_step: int | None = None
+        self._consecutive_nonfinite = 0
         if self.resume_path is not None:
             distributed.check_resume_mesh(acc, self.resume_path)
             self._resume(self.resume_path)
@@ -184,6 +195,7 @@ class Trainer:
         )
         if acc.is_main_process:
             self.state.wandb_run_id = self.metrics.wandb_run_id
+        self.peak_tflops = tcfg.peak_tflops or peak_tflops_for(self._device_name())
         self._log_startup(built.log_lines)
 
     # ---- phases (docs/phases.md; a no-op without `phases`) ------------------------------------------------------
@@ -265,6 +277,18 @@ class Trainer:
         self.train_iter = iter(self.data.train)
         self.resumed_from_step = self.state.step
 
+    def _device_name(self) -> str:
+        device = self.accelerator.device
+        return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
+
+    def _mfu_line(self) -> str:
+        if self.run.trainer.peak_tflops:
+            return f"MFU against trainer.peak_tflops = {self.peak_tflops:g} TFLOP/s per device"
+        if self.peak_tflops:
+            return f"MFU against {self._device_name()}'s bf16 dense peak {self.peak_tflops:g} TFLOP/s (train/flops.py)"
+        return (f"train/mfu not logged: no peak FLOP/s known for {self._device_name()} "
+                "(set trainer.peak_tflops); train/tflops is logged")
+
     def _log_startup(self, optimizer_lines: list[str]) -> None:
         t, acc = self.run.trainer, self.accelerator
         rows = t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
@@ -277,6 +301,7 @@ class Trainer:
             f"(≈{rows * seq * self.run.datacollator.mlm_probability:,.0f} masked)",
             f"steps: {self.max_steps} total, {effective_warmup(self.run.scheduler.warmup_steps, self.max_steps)} "
             f"warmup ({self.run.scheduler.name}), start at {self.state.step}",
+            self._mfu_line(),
             *optimizer_lines,
             *phase_rules.describe_plan(self.plan, acc.num_processes),
             *(f"{key} = {note}" for key, note in self.resolved.items()),
@@ -302,7 +327,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
         with qk_ctx:
             for i, batch in enumerate(window):
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                batch = self._to_device(batch)
                 sync = i == len(window) - 1  # gradients are all-reduced / reduce-scattered on the last only
                 with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                     out = self.model(**batch, num_items_in_batch=global_masked)
@@ -317,7 +342,10 @@ class Trainer:
         # One all-reduce for the loss and a "some rank saw a non-finite value" flag.
         stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm.double())).double()])
         distributed.all_reduce(stats)
-        loss, nonfinite = stats[0].item(), stats[1].item() > 0  # host sync: the skip decision needs the value
+        # The step's ONE device->host sync (docs/benchmarks.md): the skip decision needs the flag on the host;
+        # the loss, grad norm and token counts ride along in the same copy, so logging costs no extra sync.
+        loss, nonfinite, grad_norm, masked, tokens = torch.cat([stats, grad_norm.double().reshape(1), counts]).tolist()
+        nonfinite = nonfinite > 0
         lr = self.optimizer.param_groups[0]["lr"]
 
         metrics: dict[str, float] = {}
@@ -325,7 +353,7 @@ class Trainer:
             self.state.nonfinite_skipped += 1
             self._consecutive_nonfinite += 1
             logger.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
-                           step, loss, grad_norm.item(), self._consecutive_nonfinite)
+                           step, loss, grad_norm, self._consecutive_nonfinite)
         else:
             self._consecutive_nonfinite = 0
             self.optimizer.step()
@@ -334,11 +362,28 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step = step
-        self.state.tokens_seen += int(counts[1].item())
-        metrics.update({"train/loss": loss, "train/grad_norm": grad_norm.item(), "train/lr": lr,
-                        "train/tokens": counts[1].item()})
+        self.state.tokens_seen += int(tokens)
+        metrics.update({"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr, "train/tokens": tokens,
+                        "train/masked_tokens": masked})
         metrics.update(distributed.comm_bytes(self.model, self._raw_optimizer))
         return metrics
+
+    def _flops_metrics(self, tokens: float, masked: float, elapsed: float) -> dict[str, float]:
+        """``train/tflops`` (model TFLOP/s per device, formula in ``flops.py``) and ``train/mfu`` when a peak is known."""
+        config = self.unwrapped.config
+        decoded = masked if config.masked_logits_only else tokens
+        total = throughput_flops(config, tokens=tokens, masked_tokens=decoded, seq_len=self.data.tokens_per_row)
+        tflops = total / max(elapsed, 1e-9) / self.accelerator.num_processes / 1e12
+        out = {"train/tflops": tflops}
+        if self.peak_tflops:
+            out["train/mfu"] = mfu(tflops, self.peak_tflops)
+        return out
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move a host batch to the device (with its host-computed ``masked_positions``, see below)."""
+        if self.unwrapped.config.masked_logits_only:
+            batch = with_masked_positions(batch)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     # ---- eval -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -383,7 +428,7 @@ class Trainer:
         tcfg, acc = self.run.trainer, self.accelerator
         self._consecutive_nonfinite = 0
         start_wall = time.perf_counter()
-        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+        window_start, window_steps, window_tokens, window_masked = time.perf_counter(), 0, 0, 0
         last_eval: dict[str, float] = {}
         self.model.train()
         self._stop.install()  # SIGTERM / SIGINT: finish the step, save, summarise, exit 75 (signals.py)
@@ -395,14 +440,16 @@ class Trainer:
             step = self.state.step
             window_steps += 1
             window_tokens += m.pop("train/tokens")
+            window_masked += m.pop("train/masked_tokens")
             if self._consecutive_nonfinite >= tcfg.max_consecutive_nonfinite:
                 self._stop_nonfinite(step, m, time.perf_counter() - start_wall)
             if should_log:
                 elapsed = time.perf_counter() - window_start
                 m.update({"train/tokens_per_sec": window_tokens / elapsed, "train/steps_per_sec": window_steps / elapsed,
                           "train/peak_memory_mb": peak_memory_mb(acc.device),
-                          "train/nonfinite_skipped": self.state.nonfinite_skipped, **self._phase_metrics()})
-                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                          "train/nonfinite_skipped": self.state.nonfinite_skipped, **self._phase_metrics(),
+                          **self._flops_metrics(window_tokens, window_masked, elapsed)})
+                window_start, window_steps, window_tokens, window_masked = time.perf_counter(), 0, 0, 0
                 self.metrics.log(step, m)
             if (tcfg.eval_steps and step % tcfg.eval_steps == 0) or step == self.max_steps:
                 last_eval = self.evaluate()

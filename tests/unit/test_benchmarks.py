@@ -73,3 +73,34 @@ def test_orthogonalize_divergence_reports_mismatch_and_time_ratio():
         (s, m) for s in ("8x16", "32x64") for m in ("polar_express", "newton_schulz")}
     assert all(0 <= r["mismatch_fraction"] <= 1 and r["max_rel_error"] >= 0 for r in rows)
     assert all(_finite_positive(r["exact_over_fast"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_optimizer_step_fused_dana_rows():
+    payload = _run("optimizer_step.py", "--optimizers", "adamw", "adana-fused", "dana-star-mk4-fused")
+    rows = {r["optimizer"]: r for r in payload["results"]}
+    assert set(rows) == {"adamw", "adana-fused", "dana-star-mk4-fused"}
+    assert all(_finite_positive(r["step_ms"]) and _finite_positive(r["ratio_vs_adamw"]) for r in rows.values())
+
+
+def test_gpu_suite_smoke_model_and_optimizer_sections(tmp_path):
+    payload = _run("gpu_suite.py", "--sections", "model", "optimizer", "--peak-tflops", "1.0", "--out", str(tmp_path))
+    measured = [r for r in payload["model"] if "tokens_per_sec" in r]
+    assert {(r["attention"], r["compiled"]) for r in measured} >= {("sdpa", False), ("eager", False)}
+    assert all(_finite_positive(r["tflops"]) and _finite_positive(r["mfu"]) for r in measured)
+    skipped = [r for r in payload["model"] if "tokens_per_sec" not in r]
+    assert all(r["note"].startswith("skipped") for r in skipped)  # compile off in smoke; flash-attn absent on CPU
+    steps = {r["optimizer"]: r for r in payload["optimizer"]}
+    assert set(steps) == {"adamw", "dion2", "dion2_qk", "muonclip", "adana", "dana-star-mk4"}
+    assert steps["adamw"]["ratio_vs_adamw"] == 1.0
+    assert json.loads((tmp_path / "gpu_suite.json").read_text())["device"] == payload["device"]
+    assert "#### model" in (tmp_path / "gpu_suite.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke_trainer_section():
+    payload = _run("gpu_suite.py", "--sections", "trainer", "--trainer-optimizers", "adamw", "dana-star-mk4")
+    rows = {r["optimizer"]: r for r in payload["trainer"]}
+    assert set(rows) == {"adamw", "dana-star-mk4"}, payload
+    assert all(_finite_positive(r["tokens_per_sec"]) for r in rows.values()), rows
+    assert rows["adamw"]["ratio_vs_adamw"] == 1.0

@@ -1,0 +1,70 @@
+"""A non-logging training step makes exactly ONE device->host sync (the non-finite skip decision, which also
+carries the loss, grad norm and token counts), counted on CPU.
+
+Every op that must read device memory back to the host is counted: scalar reads (``item``, ``bool``, ``int``,
+``float`` all dispatch ``aten._local_scalar_dense``), ops whose output size depends on values (``nonzero``,
+``masked_select``, unique, boolean indexing), and the Python-level copies ``tolist`` / ``cpu`` / ``numpy``. The
+micro-batches are drawn (and their masked positions found on the host) before counting: that host-side data work
+is not the device step, and on CPU it could not be told apart from device reads.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from neobert_pt.config import load_config
+from neobert_pt.train import Trainer
+from neobert_pt.train.trainer import with_masked_positions
+
+SYNCING_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2",
+               "aten.unique_consecutive", "aten.unique_dim", "aten.repeat_interleave"}
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        if name in SYNCING_OPS:
+            self.calls.append(name)
+        elif name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                          for i in (args[1] if len(args) > 1 else ())):
+            self.calls.append("aten.index (boolean mask)")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "dana-star-mk4"])
+def test_non_logging_step_has_one_host_sync(tmp_path, monkeypatch, optimizer):
+    cfg = load_config(None, [
+        "--model.hidden_size", "32", "--model.num_hidden_layers", "1", "--model.num_attention_heads", "2",
+        "--model.intermediate_size", "64", "--dataset.max_seq_length", "32", "--dataset.max_documents", "30",
+        "--trainer.per_device_train_batch_size", "2", "--trainer.gradient_accumulation_steps", "2",
+        "--trainer.max_steps", "4", "--trainer.disable_tqdm", "true", "--optimizer.name", optimizer,
+        "--trainer.output_dir", str(tmp_path / "run"), "--wandb.mode", "disabled",
+    ])
+    trainer = Trainer(cfg)
+    try:
+        trainer.model.train()
+        trainer.train_step(should_log=True)  # warm-up: lazy optimizer state, first-call paths
+        # host-side data work (the loader, the collator, the masked-position lookup on host labels) happens here
+        window = [with_masked_positions(next(trainer.train_iter)) for _ in range(cfg.trainer.gradient_accumulation_steps)]
+        trainer.train_iter = iter(window)
+        copies: list[str] = []
+        for method in ("tolist", "cpu", "numpy"):
+            original = getattr(torch.Tensor, method)
+
+            def counted(self, *args, _name=method, _original=original, **kwargs):
+                copies.append(_name)
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, method, counted)
+        with SyncCounter() as counter:
+            metrics = trainer.train_step(should_log=False)
+        monkeypatch.undo()
+        assert copies == ["tolist"] and counter.calls == [], (copies, counter.calls)
+        assert metrics["train/tokens"] > 0 and metrics["train/masked_tokens"] > 0
+        assert isinstance(metrics["train/loss"], float) and isinstance(metrics["train/grad_norm"], float)
+    finally:
+        trainer.close()
