@@ -14,16 +14,19 @@ setup() {
     echo "[setup] creating virtual environment in $VENV"
     python3 -m venv "$VENV"
   fi
-  # Re-install only when pyproject.toml changed since the last successful install.
+  # Re-install only when pyproject.toml (the supported ranges) or requirements.lock (the exact tested versions)
+  # changed since the last successful install.
   local stamp="$VENV/.neobert_pt_installed"
+  local lock="$ROOT/requirements.lock"
   local want
-  want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+  want="$(cat "$ROOT/pyproject.toml" "$lock" | sha256sum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[setup] installing neobert_pt and pinned dependencies (first run takes a few minutes)"
+    echo "[setup] installing neobert_pt with the locked dependency versions (first run takes a few minutes)"
     "$PY" -m pip install --quiet --upgrade pip
-    # torch first, pinned, so a CPU machine takes the CPU build instead of resolving a CUDA build via accelerate.
-    "$PY" -m pip install --quiet "torch==2.13.0"
-    "$PY" -m pip install --quiet -e "$ROOT[dev]"
+    # torch first, at the locked version, so a CPU machine takes the CPU build instead of resolving a CUDA build
+    # via accelerate.
+    "$PY" -m pip install --quiet -c "$lock" torch
+    "$PY" -m pip install --quiet -c "$lock" -e "$ROOT[dev]"
     echo "$want" > "$stamp"
   fi
 }

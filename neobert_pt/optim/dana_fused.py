@@ -53,7 +53,7 @@ def _dana_star_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, tau: Tensor, c
     tau.lerp_(abs_g / (abs_g + d), a)
     rho = tau.clamp_max(0.5)
     rho = torch.clamp_min(rho / (1.0 - rho), floor)
-    clock = torch.pow(torch.clamp_min(tau * t, 1.0), one_minus_kappa)
+    clock = torch.exp(torch.log(torch.clamp_min(tau * t, 1.0)) * one_minus_kappa)  # pow, ~2x cheaper on CPU
     sqrt_rho = rho.sqrt()
     n = sqrt_rho / d
     m_n = m * n
