@@ -44,7 +44,7 @@ from benchmarks.common import (  # noqa: E402
     reset_peak_memory,
 )
 from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM  # noqa: E402
-from neobert_pt.modeling.modeling_neobert import flash_attn_available  # noqa: E402
+from neobert_pt.modeling.modeling_neobert import flash_attn_available, flex_attention_available, varlen_sizes  # noqa: E402
 from neobert_pt.train.flops import mfu, peak_tflops_for, throughput_flops  # noqa: E402
 
 SECTIONS = ("model", "trainer", "optimizer")
@@ -58,7 +58,8 @@ STEP_COLUMNS = ["optimizer", "step_ms", "ratio_vs_adamw", "qk_clip_ms"]
 def attention_backends(device: torch.device) -> list[tuple[str, str | None]]:
     """(backend, why it is skipped or None) for every backend the model knows."""
     flash = None if device.type == "cuda" and flash_attn_available() else "flash-attn not installed (or no CUDA)"
-    return [("sdpa", None), ("eager", None), ("flash_attention_2", flash)]
+    flex = None if device.type == "cuda" and flex_attention_available() else "flex_attention: CUDA only for training"
+    return [("sdpa", None), ("eager", None), ("flash_attention_2", flash), ("flex_attention", flex)]
 
 
 def model_config(args, attn: str) -> NeoBERTConfig:
@@ -89,6 +90,8 @@ def model_row(args, device: torch.device, attn: str, compiled: bool, peak: float
     run = torch.compile(model) if compiled else model
     batch = packed_batch(args, device)
     num_items = int(batch["masked_positions"].numel())
+    if attn == "flash_attention_2":
+        batch["varlen_sizes"] = varlen_sizes(batch["document_ids"].cpu())  # host metadata, as the trainer passes
     use_bf16 = device.type == "cuda" and not args.fp32
 
     def step():

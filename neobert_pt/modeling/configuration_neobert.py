@@ -14,7 +14,7 @@ from transformers import PreTrainedConfig
 logger = logging.getLogger(__name__)
 
 HIDDEN_ACTS = ("swiglu", "gelu")
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 def swiglu_inner_size(intermediate_size: int) -> int:
@@ -26,16 +26,24 @@ def swiglu_inner_size(intermediate_size: int) -> int:
 
 
 def resolve_attn_implementation(name: str) -> str:
-    """Turn ``'auto'`` into a concrete backend (flash_attention_2 on CUDA with flash-attn installed, else sdpa)."""
+    """Turn ``'auto'`` into the fastest exact backend here, logged once with the reason.
+
+    CUDA with flash-attn installed: ``flash_attention_2`` (varlen kernel, packed documents without a mask); CUDA
+    without it: ``flex_attention`` (compiled block-sparse document mask); CPU: ``sdpa`` (flex runs unfused there).
+    """
     if name != "auto":
         return name
-    choice = "sdpa"
-    if importlib.util.find_spec("flash_attn") is not None:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            choice = "flash_attention_2"
-    logger.info("NeoBERT attn_implementation 'auto' resolved to '%s'", choice)
+    if not torch.cuda.is_available():
+        choice, why = "sdpa", "no CUDA device (flex_attention is unfused on CPU)"
+    elif importlib.util.find_spec("flash_attn") is not None:
+        choice, why = "flash_attention_2", "CUDA with flash-attn installed (varlen kernel)"
+    elif importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
+        choice, why = "flex_attention", "CUDA without flash-attn: compiled flex_attention with a document block mask"
+    else:
+        choice, why = "sdpa", "CUDA without flash-attn or flex_attention"
+    logger.info("NeoBERT attn_implementation 'auto' resolved to '%s': %s", choice, why)
     return choice
 
 
@@ -71,8 +79,9 @@ class NeoBERTConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, defaults to True): the MLM decoder IS the token embedding matrix.
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
         attn_implementation (`str`, defaults to ``"sdpa"``): ``"sdpa"``, ``"eager"`` (supports
-            ``output_attentions``), ``"flash_attention_2"`` (varlen, CUDA + flash-attn) or ``"auto"``
-            (flash_attention_2 when installed on CUDA, else sdpa; the choice is logged once).
+            ``output_attentions``), ``"flash_attention_2"`` (varlen, CUDA + flash-attn), ``"flex_attention"``
+            (block-sparse document mask; compiled on CUDA) or ``"auto"`` (flash_attention_2 on CUDA with flash-attn,
+            flex_attention on CUDA without it, sdpa on CPU; the choice and the reason are logged once).
         masked_logits_only (`bool`, defaults to True): when labels are given, run the MLM decoder only on the
             positions with a label (same loss, far less compute); ``logits`` is then ``(num_masked, vocab)``.
         pad_token_id (`int`, defaults to 0): id of the padding token (its embedding row starts at zero).

@@ -108,6 +108,7 @@ class NeoBERTAttentionLayout:
     ``qk_observer`` is installed.
     ``indices``/``cu_seqlens``/``max_seqlen``: flash-attn varlen metadata (flat token index of every real token,
     cumulative document lengths).
+    ``block_mask``: flex_attention's block-sparse document mask (no dense (T, T) mask is kept).
     """
 
     mask: torch.Tensor | None = None
@@ -115,6 +116,7 @@ class NeoBERTAttentionLayout:
     indices: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    block_mask: object | None = None
 
 
 def combine_document_ids(
@@ -143,26 +145,79 @@ def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
     return idx - first
 
 
-def build_layout(document_ids: torch.Tensor | None, implementation: str, with_allowed: bool) -> NeoBERTAttentionLayout:
+def varlen_sizes(document_ids: torch.Tensor) -> tuple[int, int, int]:
+    """(real tokens, documents, longest document) of a (B, T) ``document_ids`` batch: computed by the caller on
+    the HOST (e.g. the trainer, before the batch moves), it lets the varlen path build its metadata without a
+    device->host sync."""
+    counts = _document_lengths(document_ids)
+    return int(counts.sum()), int(counts.numel()), int(counts.max()) if counts.numel() else 0
+
+
+def _row_major_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """A unique id per (row, document), flattened: real tokens in row-major order form the varlen sequence."""
+    b, t = document_ids.shape
+    return (document_ids + torch.arange(b, device=document_ids.device)[:, None] * (t + 1)).flatten()
+
+
+def _document_lengths(document_ids: torch.Tensor) -> torch.Tensor:
+    flat = _row_major_document_ids(document_ids)
+    _, counts = torch.unique_consecutive(flat[(document_ids >= 0).flatten()], return_counts=True)
+    return counts
+
+
+def _varlen_metadata(document_ids: torch.Tensor, layout: NeoBERTAttentionLayout,
+                     sizes: tuple[int, int, int] | None) -> None:
+    """indices / cu_seqlens / max_seqlen. With host ``sizes`` every op has a known output size (no sync);
+    without them the lengths are read back from the device (three syncs per forward)."""
+    real = (document_ids >= 0).flatten()
+    if sizes is None:
+        layout.indices = real.nonzero().squeeze(-1)
+        counts = _document_lengths(document_ids)
+        layout.cu_seqlens = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+        layout.max_seqlen = int(counts.max()) if counts.numel() else 0
+        return
+    num_tokens, num_docs, layout.max_seqlen = sizes
+    layout.indices = torch.nonzero_static(real, size=num_tokens).squeeze(-1)
+    flat = _row_major_document_ids(document_ids).index_select(0, layout.indices)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    first = torch.nonzero_static(starts, size=num_docs).squeeze(-1).to(torch.int32)
+    layout.cu_seqlens = torch.cat([first, first.new_full((1,), num_tokens)])
+
+
+def flex_attention_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def _document_block_mask(document_ids: torch.Tensor) -> object:
+    """flex_attention's block mask: query and key in the same document, key not padding (built once per forward;
+    padding queries attend nothing and flex returns zeros for them)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document(b, h, q, kv):
+        return (document_ids[b, q] == document_ids[b, kv]) & (document_ids[b, kv] >= 0)
+
+    b, t = document_ids.shape
+    return create_block_mask(same_document, b, None, t, t, device=document_ids.device)
+
+
+def build_layout(document_ids: torch.Tensor | None, implementation: str, with_allowed: bool,
+                 sizes: tuple[int, int, int] | None = None) -> NeoBERTAttentionLayout:
     """Masks / varlen metadata for one forward. Documents must be contiguous within a row (the packer's layout)."""
     layout = NeoBERTAttentionLayout()
     if document_ids is None:
         return layout
     real = document_ids >= 0  # (B, T)
-    flash = implementation == "flash_attention_2"
-    if flash:
-        b, t = document_ids.shape
-        # a unique id per (row, document); real tokens in row-major order form the flat varlen sequence
-        flat = (document_ids + torch.arange(b, device=document_ids.device)[:, None] * (t + 1)).flatten()
-        layout.indices = real.flatten().nonzero().squeeze(-1)
-        _, counts = torch.unique_consecutive(flat[layout.indices], return_counts=True)
-        layout.cu_seqlens = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
-        layout.max_seqlen = int(counts.max()) if counts.numel() else 0  # host sync, once per forward
-    if flash and not with_allowed:
+    sparse = implementation in ("flash_attention_2", "flex_attention")  # no dense mask for the kernel
+    if implementation == "flash_attention_2":
+        _varlen_metadata(document_ids, layout, sizes)
+    if implementation == "flex_attention":
+        layout.block_mask = _document_block_mask(document_ids)
+    if sparse and not with_allowed:
         return layout
     # (B, T, T): same document and a real key
     allowed = (document_ids[:, :, None] == document_ids[:, None, :]) & real[:, None, :]
-    if not flash:
+    if not sparse:
         eye = torch.eye(document_ids.shape[1], dtype=torch.bool, device=document_ids.device)
         layout.mask = (allowed | (eye & ~real[:, :, None]))[:, None]
     if with_allowed:
@@ -256,10 +311,43 @@ def flash_attention_2(
     return full.view(b, t, h, d), None
 
 
+_COMPILED_FLEX: list[Callable[..., torch.Tensor]] = []
+
+
+def _flex_kernel(device: torch.device) -> Callable[..., torch.Tensor]:
+    """flex_attention compiled into its fused kernel on CUDA; on CPU the eager (exact, unfused) implementation."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if device.type != "cuda":
+        return flex
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex, dynamic=False))
+    return _COMPILED_FLEX[0]
+
+
+def flex_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: NeoBERTAttentionLayout,
+    *,
+    dropout: float,
+    scale: float,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """Document-aware attention from a block-sparse mask: blocks no document pair shares are skipped."""
+    if not flex_attention_available():
+        raise ImportError("attn_implementation='flex_attention' needs torch.nn.attention.flex_attention (or use 'sdpa')")
+    out = _flex_kernel(query.device)(query, key, value, block_mask=layout.block_mask, scale=scale)
+    return out.transpose(1, 2), None
+
+
 NEOBERT_ATTENTION_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
     "eager": eager_attention,
     "sdpa": sdpa_attention,
     "flash_attention_2": flash_attention_2,
+    "flex_attention": flex_attention,
 }
 
 
@@ -373,6 +461,7 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["NeoBERTLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
 
     def __init__(self, config: NeoBERTConfig, *inputs, **kwargs) -> None:
         super().__init__(config, *inputs, **kwargs)
@@ -428,8 +517,11 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        varlen_sizes: tuple[int, int, int] | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
+        """``varlen_sizes``: optional host-computed (real tokens, documents, longest document), see
+        :func:`varlen_sizes`; with it the flash-attn path builds its metadata without a device sync."""
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -449,7 +541,7 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
         rotary = self.rotary_emb(position_ids)
         implementation = "eager" if output_attentions else self.config._attn_implementation
         observed = any(layer.attention.qk_observer is not None for layer in self.layers)
-        layout = build_layout(document_ids, implementation, with_allowed=observed)
+        layout = build_layout(document_ids, implementation, with_allowed=observed, sizes=varlen_sizes)
 
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
@@ -495,6 +587,7 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
         labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
+        varlen_sizes: tuple[int, int, int] | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -517,6 +610,7 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            varlen_sizes=varlen_sizes,
         )
         hidden = outputs.last_hidden_state  # (B, T, H)
         loss = None

@@ -97,13 +97,21 @@ def _close_on_failure(init: Any) -> Any:
     return wrapper
 
 
-def with_masked_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add ``masked_positions`` (flat indices of the labelled tokens) computed on the HOST while the labels are still
-    there: the model's masked-logits path then needs no device->host sync to count them. A no-op for a batch that
-    has them or whose labels already live on an accelerator."""
-    if "masked_positions" in batch or batch["labels"].device.type != "cpu":
+def with_host_metadata(batch: dict[str, Any], config: Any) -> dict[str, Any]:
+    """Add what the model would otherwise read back from the device, computed on the HOST while the batch is still
+    there: ``masked_positions`` (flat indices of the labelled tokens, for the masked-logits path) and, for the
+    flash-attn varlen path, ``varlen_sizes`` (real tokens, documents, longest document). A no-op for keys already
+    present or a batch that already lives on an accelerator."""
+    if batch["labels"].device.type != "cpu":
         return batch
-    return {**batch, "masked_positions": batch["labels"].flatten().ne(-100).nonzero().squeeze(-1)}
+    batch = dict(batch)
+    if config.masked_logits_only and "masked_positions" not in batch:
+        batch["masked_positions"] = batch["labels"].flatten().ne(-100).nonzero().squeeze(-1)
+    if config._attn_implementation == "flash_attention_2" and "document_ids" in batch and "varlen_sizes" not in batch:
+        from neobert_pt.modeling.modeling_neobert import varlen_sizes
+
+        batch["varlen_sizes"] = varlen_sizes(batch["document_ids"])
+    return batch
 
 
 class Trainer:
@@ -379,11 +387,10 @@ class Trainer:
             out["train/mfu"] = mfu(tflops, self.peak_tflops)
         return out
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Move a host batch to the device (with its host-computed ``masked_positions``, see below)."""
-        if self.unwrapped.config.masked_logits_only:
-            batch = with_masked_positions(batch)
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Move a host batch to the device, with its host-computed metadata (:func:`with_host_metadata`)."""
+        batch = with_host_metadata(batch, self.unwrapped.config)
+        return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ---- eval -------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from neobert_pt.config import load_config
 from neobert_pt.train import Trainer
-from neobert_pt.train.trainer import with_masked_positions
+from neobert_pt.train.trainer import with_host_metadata
 
 SYNCING_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2",
                "aten.unique_consecutive", "aten.unique_dim", "aten.repeat_interleave"}
@@ -49,7 +49,8 @@ def test_non_logging_step_has_one_host_sync(tmp_path, monkeypatch, optimizer):
         trainer.model.train()
         trainer.train_step(should_log=True)  # warm-up: lazy optimizer state, first-call paths
         # host-side data work (the loader, the collator, the masked-position lookup on host labels) happens here
-        window = [with_masked_positions(next(trainer.train_iter)) for _ in range(cfg.trainer.gradient_accumulation_steps)]
+        window = [with_host_metadata(next(trainer.train_iter), trainer.unwrapped.config)
+                  for _ in range(cfg.trainer.gradient_accumulation_steps)]
         trainer.train_iter = iter(window)
         copies: list[str] = []
         for method in ("tolist", "cpu", "numpy"):

@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from neobert_pt import NeoBERTConfig, NeoBERTForMaskedLM, NeoBERTForSequenceClassification, NeoBERTModel
-from neobert_pt.modeling.modeling_neobert import build_layout, combine_document_ids, positions_from_documents
+from neobert_pt.modeling.modeling_neobert import (
+    build_layout,
+    combine_document_ids,
+    positions_from_documents,
+    varlen_sizes,
+)
 
 DOC_LENGTHS = (5, 3, 4)
 ROW_LEN = 14  # 12 real tokens + 2 padding
@@ -31,7 +36,7 @@ def packed_batch(vocab: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor
     return docs + [full], batch
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
 @pytest.mark.parametrize("variant", [{}, {"hidden_act": "gelu", "rms_norm": False}])
 def test_packed_row_equals_each_document_alone(make_config, impl, variant):
     model = NeoBERTModel(make_config(attn_implementation=impl, **variant)).eval()
@@ -45,6 +50,38 @@ def test_packed_row_equals_each_document_alone(make_config, impl, variant):
             start += len(d)
         torch.testing.assert_close(packed[1], model(docs[3][None]).last_hidden_state[0], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(packed).all()  # padded positions included
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])  # flex_attention has no CPU backward in torch
+def test_packed_row_gradients_equal_the_documents_run_alone(make_config, impl):
+    """Backward too: the parameter gradients of a packed batch are the sum of each document's own gradients."""
+    model = NeoBERTModel(make_config(attn_implementation=impl))
+    docs, batch = packed_batch(model.config.vocab_size)
+    probe = torch.randn(model.config.hidden_size)
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    real = batch["document_ids"] >= 0
+    packed = grads((model(**batch).last_hidden_state[real] @ probe).sum())
+    alone: dict[str, torch.Tensor] = {}
+    for d in docs:
+        for n, g in grads((model(d[None]).last_hidden_state[0] @ probe).sum()).items():
+            alone[n] = alone.get(n, 0) + g
+    assert packed.keys() == alone.keys()
+    for n in packed:
+        torch.testing.assert_close(packed[n], alone[n], atol=1e-5, rtol=1e-4)
+
+
+def test_flex_layout_is_a_block_mask_not_a_dense_mask():
+    doc = torch.tensor([[0, 0, 1, -1]])
+    layout = build_layout(doc, "flex_attention", with_allowed=False)
+    assert layout.mask is None and layout.allowed is None and layout.block_mask is not None
+    dense = layout.block_mask.to_dense()  # (B, H, q blocks, kv blocks): one 128-token block here
+    assert dense.shape[0] == 1 and dense.sum() == 1
+    assert build_layout(doc, "flex_attention", with_allowed=True).allowed is not None  # the QK observer still sees it
 
 
 def test_positions_derived_from_document_ids(make_config):
@@ -80,6 +117,12 @@ def test_flash_varlen_metadata():
     assert layout.indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
     assert layout.cu_seqlens.tolist() == [0, 3, 5, 11] and layout.cu_seqlens.dtype == torch.int32
     assert layout.max_seqlen == 6
+    # host-computed sizes: the same metadata from ops whose output sizes are known (no device->host sync)
+    sizes = varlen_sizes(doc)
+    assert sizes == (11, 3, 6)
+    host = build_layout(doc, "flash_attention_2", with_allowed=False, sizes=sizes)
+    assert torch.equal(host.indices, layout.indices) and torch.equal(host.cu_seqlens, layout.cu_seqlens)
+    assert host.cu_seqlens.dtype == torch.int32 and host.max_seqlen == 6
 
 
 def test_fully_padded_row_is_finite(make_config):
@@ -299,5 +342,7 @@ def test_flash_backend_gather_scatter_matches_sdpa(make_config, monkeypatch):
         ref = model(**batch).last_hidden_state
         model.config._attn_implementation = "flash_attention_2"
         out = model(**batch).last_hidden_state
+        host = model(**batch, varlen_sizes=varlen_sizes(batch["document_ids"])).last_hidden_state
     real = batch["document_ids"] >= 0
     torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(host[real], ref[real], atol=1e-5, rtol=1e-5)
