@@ -39,6 +39,8 @@ def run_row(run: RunSpec, rec: RunRecord, profile: Profile, resume_status: str =
         "steps_per_sec": rec.steady_state_mean("train/steps_per_sec", skip),
         "peak_memory_mb": peak,
         "max_attention_logit": rec.last("train/max_attention_logit"),
+        "downstream_pppl": rec.last("downstream/pppl/pppl"),  # trainer.downstream_suites, when configured
+        "downstream_probe_accuracy": rec.last("downstream/probe/accuracy"),
         "wall_time_s": rec.wall_time_s,
         "resume_check": resume_status,
         "status": status,
@@ -66,6 +68,13 @@ def _markdown(rows: list[dict], gates: list[GateResult], profile: Profile, passe
                      _fmt(r["final_eval_loss"]), _fmt(r["eval_accuracy"]), _fmt(r["tokens_per_sec"]),
                      _fmt(r["steps_per_sec"]), _fmt(r["peak_memory_mb"]), _fmt(r["wall_time_s"]), r["status"]]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
+    downstream = [r for r in rows if r["downstream_pppl"] is not None or r["downstream_probe_accuracy"] is not None]
+    if downstream:
+        lines += ["## Downstream (trainer.downstream_suites, last checkpoint)", "",
+                  "| run | final eval loss | PPPL | word-order probe accuracy |", "|---|---|---|---|"]
+        lines += [f"| {r['run']} | {_fmt(r['final_eval_loss'])} | {_fmt(r['downstream_pppl'])} | "
+                  f"{_fmt(r['downstream_probe_accuracy'])} |" for r in downstream]
         lines.append("")
     lines += ["## Gates", "", "| stage | gate | verdict | measured |", "|---|---|---|---|"]
     lines += [f"| {g.stage} | {g.gate} | {g.verdict}{'' if g.fatal else ' (informational)'} | {g.detail} |" for g in gates]

@@ -136,3 +136,19 @@ def test_throughput_is_informational_unless_strict(matrix):
     assert all_fatal_passed(results)
     strict_results, _ = _evaluate(matrix, strict=True)
     assert not all_fatal_passed(strict_results)
+
+
+def test_report_shows_downstream_metrics_next_to_eval_loss(matrix, tmp_path):
+    run = next(r for r in matrix if r.stage == "D")
+
+    def downstream(step, m):
+        if step == run.steps:
+            m.update({"downstream/pppl/pppl": 412.5, "downstream/probe/accuracy": 0.8125})
+
+    _write_run(run, metrics_override=downstream)
+    results, records = _evaluate(matrix)
+    write_report(matrix, records, results, PROFILE, tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Downstream" in md and f"| {run.name} | 3 | 412.5 | 0.8125 |" in md
+    row = next(r for r in json.loads((tmp_path / "report" / "report.json").read_text())["runs"] if r["run"] == run.name)
+    assert row["downstream_pppl"] == 412.5
