@@ -30,7 +30,7 @@ def read_texts(path: str | Path, column: str = "text") -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         raw = f.read()
-    if ".json" in path.suffixes:
+    if any(suffix in (".json", ".jsonl") for suffix in path.suffixes):
         rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
         if rows and column not in rows[0]:
             raise EvalError(f"{path}: no '{column}' field (fields: {', '.join(rows[0])})")

@@ -48,3 +48,22 @@ def test_max_tokens_caps_the_scored_tokens(tiny_config):
     assert got["tokens"] == 25
     assert bucket_of(128, (128, 256)) == "1-128" and bucket_of(129, (128, 256)) == "129-256"
     assert bucket_of(300, (128, 256)) == ">256"
+
+
+def test_read_texts_formats(tmp_path):
+    import gzip
+    import json
+
+    from neobert_pt.evaluate.data import read_texts
+    from neobert_pt.evaluate.errors import EvalError
+
+    (tmp_path / "a.txt").write_text("first doc\nstill first\n\n\nsecond doc\n")
+    assert read_texts(tmp_path / "a.txt") == ["first doc\nstill first", "second doc"]
+    rows = [{"text": "one"}, {"text": ""}, {"text": "two"}]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_texts(tmp_path / "b.jsonl") == ["one", "two"]
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_texts(tmp_path / "c.jsonl.gz") == ["one", "two"]
+    with pytest.raises(EvalError, match="no 'body' field"):
+        read_texts(tmp_path / "b.jsonl", column="body")
