@@ -91,6 +91,7 @@ def test_case_list_covers_the_issue() -> None:
     assert {c.kwargs.get("nesterov") for c in CASES if c.optimizer == "muon"} == {True, False}
     assert {c.scalar for c in CASES} == {"adamw", "lion", None}
     assert any(c.nograd_matrix for c in CASES) and any(c.kwargs["weight_decay"] == 0 for c in CASES)
+    assert any(c.kwargs.get("cautious_wd") and c.scalar for c in CASES)
     fractional = [c for c in CASES if c.optimizer == "dion2" and c.kwargs["fraction"] < 1]
     assert all((c.kwargs["fraction"] * min(c.shape[-2:])) % 1 for c in fractional if min(c.shape[-2:]) > 1)
 

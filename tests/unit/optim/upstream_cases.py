@@ -43,7 +43,8 @@ class Case:
 
 def cases() -> list[Case]:
     """48 cases covering every shape kind, both dtypes, every adjust_lr and orthogonaliser choice, Nesterov on/off,
-    weight decay on/off, non-integer fraction·N, params without grad, and the scalar algorithms."""
+    weight decay on/off, Muon's cautious weight decay, non-integer fraction·N, params without grad, and the scalar
+    algorithms."""
     rs = np.random.RandomState(20261203)
     out = []
     for i in range(48):
@@ -61,6 +62,8 @@ def cases() -> list[Case]:
             scalar = ("adamw", "lion", None)[(i // 2) % 3]
         else:
             kwargs.update(mu=float(rs.choice([0.95, 0.9])), nesterov=bool((i // 2) % 2))
+            if i % 8 == 1:
+                kwargs.update(cautious_wd=True, weight_decay=0.1)
             scalar = ("adamw", None)[(i // 2) % 2]
         big = math.prod(shape) >= 128 * 256
         name = f"{i:02d}_{optimizer}_{kind}_{'x'.join(map(str, shape))}_{'bf16' if dtype == 'bfloat16' else 'fp32'}"
