@@ -117,7 +117,7 @@ def test_ddp_replicas_identical_and_match_one_process(name, ddp, single):
         _assert_clipped(name, out / name)
     for rank in (0, 1):
         assert (out / name / "logs" / f"rank_{rank}.log").is_file()
-    assert (out / name / "checkpoints" / f"step_{MAX_STEPS}" / "rank_state_1.pt").is_file()
+    assert (out / name / "checkpoints" / f"step_{MAX_STEPS}" / "rank_state_1.json").is_file()
 
 
 @pytest.mark.timeout(3 * LAUNCH_TIMEOUT_S)
