@@ -139,7 +139,7 @@ def fsdp_step_local(
         w = _local(p)
         w.mul_(decay)
         if idx is not None:
-            w.index_add_(0, idx, res[: idx.shape[0]].to(w.dtype) * neg_lr)
+            w.index_add_(0, idx, neg_lr * res[: idx.shape[0]].to(w.dtype))  # upstream operand order (dion2.py)
 
 
 def fsdp_step_global(
