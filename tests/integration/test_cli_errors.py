@@ -239,6 +239,7 @@ def test_real_subprocess_exit_2_one_line(tmp_path, argv, needle):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a real process only to see the traceback
 def test_debug_flag_shows_the_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "pretraining" / "pretrain.py"), *TINY,
                            "--trainer.output_dir", str(tmp_path), "--trainer.resume_from_checkpoint",

@@ -78,6 +78,7 @@ def test_signal_finishes_the_step_saves_and_resumes_bit_exactly(reference, tmp_p
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
 
 
+@pytest.mark.slow  # two real processes (~35 s on 2 loaded cores)
 def test_sigterm_to_a_real_process_exits_75_with_a_checkpoint_and_a_second_signal_exits_at_once(tmp_path):
     cmd = [sys.executable, str(REPO / "scripts" / "pretraining" / "pretrain.py"), *TINY,
            "--trainer.max_steps", "100000", "--trainer.output_dir", str(tmp_path)]
