@@ -9,7 +9,7 @@ Every field is declared with :func:`option` (default + one-line doc). YAML files
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.config.fields import option
@@ -69,8 +69,9 @@ class DatasetConfig:
 
     name: str = option(
         "embedded",
-        "'embedded' (corpus shipped with the package), a Hub dataset name, or a builder for local files "
-        "('text', 'json', 'parquet') used with data_files.",
+        "'embedded' (corpus shipped with the package), a Hub dataset name, a builder for local files "
+        "('text', 'json', 'parquet') used with data_files, or 'tokenized' with data_files set to a directory "
+        "written by `python -m neobert_pt.data prepare`.",
     )
     config_name: str | None = option(None, "Hub dataset configuration (subset) name.")
     data_files: list[str] | None = option(None, "Local files or globs for the 'text'/'json'/'parquet' builders.")
@@ -85,9 +86,21 @@ class DatasetConfig:
     num_proc: int | None = option(None, "Processes for tokenization (null: single process).")
     cache_dir: str | None = option(None, "Cache for tokenized data (null: the datasets default cache).")
     shuffle_buffer_size: int = option(10000, "Shuffle buffer for streaming datasets.")
+    mixture: list[Any] = option(
+        [],
+        "Weighted mixture of sources, each {name, weight, data_files, config_name, split, text_column, label}; "
+        "rows are drawn by position in proportion to weight (replaces name/data_files; see docs/data.md).",
+    )
 
     def __post_init__(self) -> None:
         _require_positive(self, "dataset", "max_seq_length", "shuffle_buffer_size")
+        if self.mixture:
+            _check_mixture(self.mixture, self.streaming)
+        if self.name == "tokenized" and (not self.data_files or len(self.data_files) != 1):
+            raise ConfigError(
+                "dataset.name 'tokenized' reads one prepared directory: set dataset.data_files to it, e.g. "
+                "--dataset.data_files '[data/tokenized]' (make it with `python -m neobert_pt.data prepare`)."
+            )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"dataset.eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         if self.name in _FILE_BUILDERS and not self.data_files:
@@ -189,7 +202,11 @@ class TrainerConfig:
         5, "Stop (saving the last good state) after this many consecutive non-finite losses or grad norms."
     )
     disable_tqdm: bool = option(False, "Hide the progress bar.")
-    dataloader_num_workers: int = option(0, "DataLoader worker processes.")
+    dataloader_num_workers: int = option(
+        0, "DataLoader worker processes that read and collate micro-batches ahead of the step (0: in the trainer)."
+    )
+    dataloader_prefetch_factor: int = option(4, "Micro-batches each worker prepares ahead (with workers > 0).")
+    dataloader_pin_memory: bool = option(True, "Pin host batches for asynchronous copies (CUDA only).")
     activation_checkpointing: bool = option(False, "Recompute block activations in backward to save memory.")
     torch_compile: bool = option(False, "Compile the model with torch.compile.")
     peak_tflops: float | None = option(
@@ -248,6 +265,9 @@ class TrainerConfig:
             raise ConfigError(f"trainer.peak_tflops must be > 0 or null (look the device up), got {self.peak_tflops}.")
         if self.dataloader_num_workers < 0:
             raise ConfigError(f"trainer.dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
+        if self.dataloader_prefetch_factor < 1:
+            raise ConfigError(
+                f"trainer.dataloader_prefetch_factor must be >= 1, got {self.dataloader_prefetch_factor}.")
 
 
 @dataclass
@@ -339,6 +359,36 @@ class RunConfig:
 
 
 _FILE_BUILDERS = ("text", "json", "parquet")
+MIXTURE_KEYS = ("name", "weight", "data_files", "config_name", "split", "text_column", "label")
+
+
+def _check_mixture(mixture: list[Any], streaming: bool) -> None:
+    """Each entry is a mapping with a name and a positive weight; labels are unique."""
+    if streaming:
+        raise ConfigError("dataset.mixture reads map-style sources: set dataset.streaming false (or prepare each "
+                          "source with `python -m neobert_pt.data prepare` and mix the 'tokenized' directories).")
+    labels = []
+    for i, entry in enumerate(mixture):
+        where = f"dataset.mixture[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping like {{name: json, data_files: [web/*.jsonl], weight: 0.5}}.")
+        unknown = sorted(set(entry) - set(MIXTURE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(MIXTURE_KEYS)}.")
+        if not isinstance(entry.get("name"), str):
+            raise ConfigError(f"{where}.name is required (a builder, 'tokenized', 'embedded' or a Hub dataset).")
+        weight = entry.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"{where}.weight must be a number > 0, got {weight!r}.")
+        files = entry.get("data_files")
+        if isinstance(files, str):
+            entry["data_files"] = [files]
+        if (entry["name"] in _FILE_BUILDERS or entry["name"] == "tokenized") and not entry.get("data_files"):
+            raise ConfigError(f"{where} (name {entry['name']!r}) reads local files: set its data_files.")
+        labels.append(str(entry.get("label") or entry["name"]))
+    if len(set(labels)) != len(labels):
+        raise ConfigError("dataset.mixture sources need distinct labels (set `label` on sources sharing a name): "
+                          + ", ".join(labels) + ".")
 
 
 def _require_positive(section: object, prefix: str, *names: str) -> None:

@@ -28,8 +28,9 @@ class MLMCollator:
     """Pads rows to a common length and applies MLM corruption; returns long tensors.
 
     Never selects special tokens ([CLS], [SEP], [PAD], [MASK], [UNK], ...) or padding. Random replacements
-    are drawn from the non-special vocabulary. If a batch ends up with no selected token although it has
-    maskable ones, the maskable token with the lowest selection draw is selected (so every batch has a loss).
+    are drawn from the non-special vocabulary. If a row ends up with no selected token although it has
+    maskable ones, its maskable token with the lowest selection draw is selected (so every batch has a loss,
+    and the rule is the same whether a row is collated alone or in a bigger batch).
     """
 
     def __init__(self, cfg: DataCollatorConfig, *, special_ids: Sequence[int], vocab_size: int, pad_id: int,
@@ -79,8 +80,12 @@ class MLMCollator:
         maskable = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
         selection_draw = selection_draw.masked_fill(~maskable, 2.0)
         selected = selection_draw < self.mlm_probability
-        if not selected.any() and maskable.any():
-            selected.view(-1)[selection_draw.view(-1).argmin()] = True
+        # A row with maskable tokens but no selection gets its lowest draw selected (per row, so the rule does not
+        # depend on how a global batch is split across ranks).
+        empty = ~selected.any(dim=1) & maskable.any(dim=1)
+        if empty.any():
+            rows = empty.nonzero().flatten()
+            selected[rows, selection_draw[rows].argmin(dim=1)] = True
         labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
         to_mask = selected & (action_draw < self.mask_replace_prob)
         to_random = selected & ~to_mask & (action_draw < self.mask_replace_prob + self.random_replace_prob)

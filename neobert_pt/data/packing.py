@@ -72,7 +72,7 @@ def pack_stream(documents: Iterable[np.ndarray], max_seq_length: int, packing: b
     for doc in documents:
         if not packing:
             for start in range(0, len(doc), max_seq_length):
-                yield _row([doc[start:start + max_seq_length]])
+                yield make_row([doc[start:start + max_seq_length]])
             continue
         pos = 0
         while pos < len(doc):
@@ -81,13 +81,13 @@ def pack_stream(documents: Iterable[np.ndarray], max_seq_length: int, packing: b
             filled += take
             pos += take
             if filled == max_seq_length:
-                yield _row(segments)
+                yield make_row(segments)
                 segments, filled = [], 0
     if segments:
-        yield _row(segments)
+        yield make_row(segments)
 
 
-def _row(segments: list[np.ndarray]) -> Row:
+def make_row(segments: list[np.ndarray]) -> Row:
     return {
         "input_ids": np.concatenate(segments).astype(np.int64),
         "position_ids": np.concatenate([np.arange(len(s), dtype=np.int64) for s in segments]),

@@ -19,11 +19,10 @@ from transformers import PreTrainedTokenizerFast
 
 from neobert_pt.config.schema import RunConfig
 from neobert_pt.data.errors import DataError
+from neobert_pt.data.holdout import HOLDOUT_SEED, holdout_split
 
 EMBEDDED_CORPUS = Path(__file__).with_name("embedded") / "corpus.jsonl.gz"
 LOCAL_BUILDERS = ("text", "json", "parquet", "csv")
-# The held-out eval documents do not depend on run.seed, so runs with different seeds evaluate on the same text.
-HOLDOUT_SEED = 20240917
 TOKENIZE_BATCH = 256
 
 Documents = datasets.Dataset | datasets.IterableDataset
@@ -169,25 +168,13 @@ def iter_token_documents(docs: Iterable[dict], tokenizer: PreTrainedTokenizerFas
 
 def flat_tokens(tokenized: datasets.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(all token ids back to back, start of each document, length of each document) from the Arrow column."""
-    if tokenized._indices is not None:
-        tokenized = tokenized.flatten_indices()
-    column = tokenized.data.column("input_ids").combine_chunks()
+    tokenized = tokenized.with_format("arrow")  # public API; a selection/shuffle is applied by the formatter
+    column = tokenized[:]["input_ids"].combine_chunks()
     offsets = column.offsets.to_numpy().astype(np.int64)
     values = column.flatten().to_numpy(zero_copy_only=False)
     offsets = offsets - offsets[0]
     return values, offsets[:-1], np.diff(offsets)
 
 
-def holdout_split(num_documents: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train, eval) document indices: a fixed pseudo-random ``eval_fraction`` of documents is held out.
-
-    Both index arrays are sorted, so training keeps the corpus order before row shuffling. At least one document
-    is held out when ``eval_fraction > 0`` and at least one stays in train.
-    """
-    if eval_fraction <= 0 or num_documents < 2:
-        return np.arange(num_documents), np.arange(0)
-    k = min(num_documents - 1, max(1, round(eval_fraction * num_documents)))
-    chosen = np.random.default_rng(HOLDOUT_SEED).permutation(num_documents)[:k]
-    is_eval = np.zeros(num_documents, dtype=bool)
-    is_eval[chosen] = True
-    return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
+__all__ = ["HOLDOUT_SEED", "encode_texts", "flat_tokens", "holdout_split", "iter_token_documents",
+           "load_documents", "tokenize_documents"]

@@ -9,7 +9,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import datasets
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -104,7 +103,12 @@ def trained_tokenizer_path(run: RunConfig) -> Path:
         "lowercase": run.tokenizer.lowercase, "files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(ds.cache_dir) if ds.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    if ds.cache_dir:
+        root = Path(ds.cache_dir)
+    else:
+        import datasets  # local import: only a trained tokenizer needs the datasets cache location
+
+        root = Path(datasets.config.HF_DATASETS_CACHE)
     return root / "neobert_pt_tokenizers" / digest / "tokenizer.json"
 
 
@@ -128,6 +132,14 @@ def _from_pretrained(name: str, max_len: int) -> PreTrainedTokenizerFast:
     tok.backend_tokenizer.no_truncation()
     tok.backend_tokenizer.no_padding()
     return tok
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
+    """A short hash of the tokenizer's full serialization (vocab, normalizer, pre-tokenizer, specials).
+
+    Two tokenizers with the same fingerprint turn the same text into the same ids; tokenized shards record it.
+    """
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
 def _looks_offline(err: BaseException) -> bool:

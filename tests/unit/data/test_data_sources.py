@@ -124,3 +124,59 @@ def test_unpacked_rows_hold_one_document_each(run, tokenizer, tmp_path):
     run.dataset.eval_split = "validation"
     with pytest.raises(DataError, match="only a 'train' split"):
         build_data(run, tokenizer, rank=0, world_size=1)
+
+
+def test_streaming_holdout_that_swallows_the_corpus_is_one_clear_line(run, tokenizer, tmp_path):
+    run.dataset.name, run.dataset.data_files = "text", [_write(tmp_path, "text")]
+    run.dataset.streaming = True
+    run.trainer.eval_max_batches, run.trainer.per_device_eval_batch_size = 10, 4  # a 40-document head > 30 documents
+    bundle = build_data(run, tokenizer, rank=0, world_size=1)
+    with pytest.raises(DataError, match=r"no documents after the eval hold-out \(the first trainer.eval_max_batches "
+                                        r"x per_device_eval_batch_size = 40 documents.*set dataset.eval_split"):
+        next(bundle.train)
+
+
+def _mixture_run(run, tmp_path, tokenizer):
+    from neobert_pt.data.prepare import prepare
+
+    prepared = tmp_path / "tok"
+    prepare(run, prepared, docs_per_shard=100, progress=False)  # the embedded corpus as tokenized shards
+    run.dataset.mixture = [
+        {"label": "web", "name": "tokenized", "data_files": [str(prepared)], "weight": 0.7},
+        {"label": "code", "name": "json", "data_files": [_write(tmp_path, "json")], "text_column": "body",
+         "weight": 0.3},
+    ]
+    return run
+
+
+def test_mixture_of_tokenized_shards_and_local_json(run, tokenizer, tmp_path):
+    run = _mixture_run(run, tmp_path, tokenizer)
+    bundle = build_data(run, tokenizer, rank=0, world_size=1)
+    assert bundle.train.labels == ["web", "code"] and "from web, code" in bundle.describe()
+    share = np.bincount([bundle.train.batches.locate(p)[0] for p in range(10_000)], minlength=2) / 10_000
+    assert np.all(np.abs(share - [0.7, 0.3]) <= 0.01)
+    expected = list(itertools.islice(bundle.train, 6))
+    assert bundle.num_eval_rows > 0 and len(list(bundle.eval_batches())) == 2
+    resumed = build_data(run, tokenizer, rank=0, world_size=1)
+    interrupted = build_data(run, tokenizer, rank=0, world_size=1)
+    list(itertools.islice(interrupted.train, 2))
+    resumed.train.load_state_dict(interrupted.train.state_dict())
+    assert all(_same(a, b) for a, b in zip(itertools.islice(resumed.train, 4), expected[2:], strict=True))
+    assert resumed.train.state_dict()["source_tokens"] == bundle.train.state_dict()["source_tokens"]
+
+
+def test_mixture_errors_are_one_line(run, tokenizer, tmp_path, monkeypatch):
+    from neobert_pt.config.errors import ConfigError
+    from neobert_pt.config.loader import load_config
+
+    for entry, message in (({"name": "json", "weight": 0}, r"mixture\[0\].weight must be a number > 0"),
+                           ({"name": "json", "weight": -1.0}, r"weight must be a number > 0"),
+                           ({"weight": 1.0}, r"mixture\[0\].name is required"),
+                           ({"name": "json", "weight": 1, "colour": 3}, "unknown key.*colour"),
+                           ({"name": "json", "weight": 1}, r"mixture\[0\] \(name 'json'\) reads local files")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, ["--dataset.mixture", json.dumps([entry])])
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    run.dataset.mixture = [{"name": "neobert-pt-tests/no-such-source", "weight": 1.0}]
+    with pytest.raises(DataError, match="'neobert-pt-tests/no-such-source' could not be loaded: offline"):
+        build_data(run, tokenizer, rank=0, world_size=1)
