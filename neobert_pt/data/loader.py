@@ -313,6 +313,26 @@ class TrainLoader:
     def labels(self) -> list[str]:
         return list(getattr(self.batches, "labels", []))
 
+    @property
+    def collator(self) -> MLMCollator:
+        return self.batches.collator
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+    def set_mlm_probability(self, p: float) -> None:
+        """Masking rate of the batches from the next one on (a phase's masking schedule).
+
+        Workers hold their own copy of the collator, so a change drops the batches they prepared and restarts
+        them at the current position (exact, but it costs a worker start: prefer workers 0, or a ``step``
+        schedule, with a masking rate that changes every step).
+        """
+        if p != self.collator.mlm_probability:
+            self.collator.mlm_probability = p
+            if self.num_workers:
+                self._it = None
+
     def __iter__(self) -> TrainLoader:
         return self
 
@@ -344,6 +364,9 @@ class TrainLoader:
         state = {"version": STATE_VERSION, "kind": self.kind, "rows_consumed": self.micro * self.plan.global_batch,
                  "rows_per_step": self.plan.rows_per_step, "seed": self.batches.seed,
                  "world_size": self.plan.world_size, "batch_size": self.plan.batch_size, **self.batches.signature}
+        if isinstance(self.batches, MapBatches):  # informational (phases re-pack rows and continue by tokens)
+            state["rows_per_epoch"] = self.batches.rows_per_epoch
+            state["epoch"] = state["rows_consumed"] // self.batches.rows_per_epoch
         if self.source_tokens is not None:
             state["source_tokens"] = dict(zip(self.labels, self.source_tokens.tolist(), strict=True))
         return state

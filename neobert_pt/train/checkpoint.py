@@ -530,6 +530,14 @@ class Checkpointer:
             except OSError as e:
                 logger.warning("could not delete old checkpoint %s: %s", p, e)
 
+    def rank_state(self, path: Path) -> dict[str, Any]:
+        """This rank's ``rank_state`` in ``path``, nothing else loaded. Under another world size it is rank 0's: the
+        data position is global (the loader refuses it unless the global batch is unchanged) and model / optimizer
+        state reshard on load (DCP), so a run may continue on a different number of processes."""
+        acc = self.accelerator
+        rank = acc.process_index if read_meta(Path(path)).get("world_size") == acc.num_processes else 0
+        return json.loads((Path(path) / RANK_STATE.format(rank=rank)).read_text(encoding="utf-8"))
+
     def load(self, path: Path) -> Restored:
         """Vet every file, then restore the model and optimizer (accelerate), this rank's RNG, and return the
         trainer counters, this rank's state and the checkpoint's config. Every rank enters."""
@@ -540,10 +548,7 @@ class Checkpointer:
             raise CheckpointError(f"{path} was written by an older neobert_pt (pickled trainer state, which is "
                                   "never loaded); resume from a checkpoint written by this version")
         if meta.get("world_size") != acc.num_processes:
-            raise CheckpointError(
-                f"{path} was written by {meta.get('world_size')} processes and this run has {acc.num_processes}; "
-                "the data position is per rank, so resume with the same number of processes"
-            )
+            logger.info("resuming a %s-process checkpoint on %d processes", meta.get("world_size"), acc.num_processes)
         check_loadable(path)
         try:
             acc.load_state(str(path))
@@ -551,7 +556,7 @@ class Checkpointer:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CheckpointError(f"cannot load the model/optimizer state of {path}: {type(e).__name__}: "
                                   f"{first[:300]}") from None
-        rank_state = json.loads((path / RANK_STATE.format(rank=acc.process_index)).read_text(encoding="utf-8"))
+        rank_state = self.rank_state(path)
         restore_rng(rank_state.pop("rng"))
         trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
         config = path / CONFIG_FILE

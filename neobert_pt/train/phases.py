@@ -264,29 +264,26 @@ def phase_run(run: RunConfig, phase: Phase) -> RunConfig:
     return out
 
 
-def continue_position(old: dict[str, Any], old_seq_len: int, new: dict[str, Any], new_seq_len: int,
-                      new_batches_per_epoch: int | None) -> dict[str, Any]:
+def continue_position(old: dict[str, Any], old_seq_len: int, new: dict[str, Any], new_seq_len: int
+                      ) -> dict[str, Any]:
     """The new phase's loader position that continues where the old phase's loader stopped.
 
-    Rows are re-packed at the new sequence length, so the position carries over as a token offset into the
-    current epoch: the new loader starts at the first global batch at or after ``tokens consumed in this epoch``
-    (map-style: the epoch's permutation of the re-packed rows; streaming: the same document stream, cut at the new
-    length). Deterministic, so an uninterrupted run and a run resumed from the boundary checkpoint agree exactly.
-    ``old``/``new`` are loader ``state_dict()``s; returns ``new`` with the position filled in.
+    Rows are re-packed at the new sequence length, so the position carries over as tokens: map-style, the token
+    offset into the current epoch (the new loader starts at the first global micro-batch at or after it in the
+    epoch's permutation of the re-packed rows, or at the next epoch if none is left); streams and mixtures, the
+    tokens consumed since the start. Deterministic, so an uninterrupted run and a run resumed from the boundary
+    checkpoint agree exactly. ``old``/``new`` are loader ``state_dict()``s; returns ``new`` with the position filled.
     """
     out = dict(new)
-    old_global = old["batch_size"] * old["world_size"]
     new_global = new["batch_size"] * new["world_size"]
     if old["kind"] != new["kind"]:
         raise ValueError(f"cannot continue a {old['kind']} loader with a {new['kind']} loader")
     if old["kind"] == "map":
-        tokens = old["batch_index"] * old_global * old_seq_len
-        index = -(-tokens // (new_global * new_seq_len))
-        epoch = old["epoch"]
-        if new_batches_per_epoch is not None and index > new_batches_per_epoch:
-            epoch, index = epoch + 1, 0
-        out.update(epoch=epoch, batch_index=index)
+        epoch, in_epoch = divmod(old["rows_consumed"], old["rows_per_epoch"])
+        rows = -(-in_epoch * old_seq_len // (new_global * new_seq_len)) * new_global
+        if rows >= new["rows_per_epoch"]:
+            epoch, rows = epoch + 1, 0
+        out["rows_consumed"] = epoch * new["rows_per_epoch"] + rows
     else:
-        tokens = old["rows_consumed"] * old_seq_len
-        out.update(epoch=old["epoch"], rows_consumed=-(-tokens // (new_global * new_seq_len)) * new_global)
+        out["rows_consumed"] = -(-old["rows_consumed"] * old_seq_len // (new_global * new_seq_len)) * new_global
     return out

@@ -155,10 +155,12 @@ class Trainer:
         if acc.is_main_process:
             save_config(run, self.output_dir / CONFIG_FILE)
 
+        self._pin_memory = acc.device.type == "cuda" and tcfg.dataloader_pin_memory  # for async host-to-device
         with acc.main_process_first():  # rank 0 fills the tokenization cache, the others read it
             self.tokenizer = build_tokenizer(run)
             self.data = build_data(self._phase_run(0), self.tokenizer, rank=acc.process_index,
-                                   world_size=acc.num_processes)
+                                   world_size=acc.num_processes, pin_memory=self._pin_memory)
+        logger.info(self.data.describe())
         self.train_iter = iter(self.data.train)
 
         model_fields = asdict(run.model)
@@ -220,12 +222,12 @@ class Trainer:
 
         acc, old, old_seq = self.accelerator, self.data.train.state_dict(), self.data.tokens_per_row
         with acc.main_process_first():
+            self.data.train.close()
             self.data = build_data(self._phase_run(index), self.tokenizer, rank=acc.process_index,
-                                   world_size=acc.num_processes)
+                                   world_size=acc.num_processes, pin_memory=self._pin_memory)
         if carry_position:
             self.data.train.load_state_dict(phase_rules.continue_position(
-                old, old_seq, self.data.train.state_dict(), self.data.tokens_per_row,
-                getattr(self.data.train, "batches_per_epoch", None)))
+                old, old_seq, self.data.train.state_dict(), self.data.tokens_per_row))
         self.train_iter = iter(self.data.train)
         self.data_phase = index
         logger.info("phase %s: data re-built with %d-token rows, %d rows per device", self.plan[index].name,
@@ -251,7 +253,7 @@ class Trainer:
             inv_freq = self.unwrapped.model.rotary_emb.inv_freq
             inv_freq.copy_(rope_inv_freq(self.unwrapped.config, inv_freq.device))
             logger.info("phase %s: rope_theta %g from step %d", phase.name, phase.rope_theta, step + 1)
-        self.data.train.collator.mlm_probability = phase_rules.mlm_probability_at(phase, step)
+        self.data.train.set_mlm_probability(phase_rules.mlm_probability_at(phase, step))
         self.accumulation = phase_rules.accumulation_at(phase, step)
 
     def _phase_metrics(self) -> dict[str, float]:
@@ -271,6 +273,8 @@ class Trainer:
     # ---- set-up helpers ---------------------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
         """Checkpoint state under the current config (resume.py): hyperparameters and schedule stay as configured."""
+        # The data position first: a changed global batch is refused before any state is loaded.
+        self.data.train.load_state_dict(self.checkpointer.rank_state(path)["data"])
         restored = resume.restore(self.checkpointer, path, run=self.run, model=self.unwrapped,
                                   optimizer=self.optimizer, scheduler=self.scheduler)
         self.state.load_state_dict(restored.trainer_state)
@@ -374,6 +378,7 @@ class Trainer:
         metrics.update({"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr, "train/tokens": tokens,
                         "train/masked_tokens": masked})
         metrics.update(distributed.comm_bytes(self.model, self._raw_optimizer))
+        metrics.update(self._source_tokens())
         return metrics
 
     def _flops_metrics(self, tokens: float, masked: float, elapsed: float) -> dict[str, float]:
@@ -390,7 +395,15 @@ class Trainer:
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Move a host batch to the device, with its host-computed metadata (:func:`with_host_metadata`)."""
         batch = with_host_metadata(batch, self.unwrapped.config)
-        return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return {k: v.to(self.accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}  # pinned batches (trainer.dataloader_pin_memory): asynchronous copies
+
+    def _source_tokens(self) -> dict[str, float]:
+        """``data/tokens/<source>``: global tokens drawn from each mixture source so far (empty otherwise)."""
+        train = self.data.train
+        if train.source_tokens is None:
+            return {}
+        return {f"data/tokens/{label}": float(n) for label, n in zip(train.labels, train.source_tokens, strict=True)}
 
     # ---- eval -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -555,6 +568,7 @@ class Trainer:
             output_dir=".",  # paths relative to the run directory
             config=CONFIG_FILE,
         )
+        summary.update({key: int(n) for key, n in self._source_tokens().items()})  # per mixture source
         if acc.is_main_process:
             records = read_metrics(self.output_dir / METRICS_FILE)
             write_summary(self.output_dir, summary, records)
@@ -574,6 +588,8 @@ class Trainer:
             root.removeHandler(h)
             h.close()
         self._handlers = []
+        if getattr(self, "data", None) is not None:
+            self.data.train.close()  # stops loader workers
         if getattr(self, "_owns_accelerator", False):
             self._owns_accelerator = False
             self.accelerator.end_training()  # tears down the process group once, on both success and failure

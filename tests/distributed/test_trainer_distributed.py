@@ -188,15 +188,17 @@ def test_fsdp2_resume_from_sharded_checkpoint_continues_the_uninterrupted_run(fs
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S)
-def test_resume_onto_a_different_world_size_is_refused(fsdp, tmp_path):
-    """The data position is per rank: a 2-process checkpoint cannot continue in 1 process (clear error, no run)."""
+def test_resume_with_a_changed_global_batch_is_refused(fsdp, tmp_path):
+    """The data position is global: another world size resumes only with the same global batch (one clear line)."""
     out, _ = fsdp
     ckpt = out / "adamw" / "checkpoints" / f"step_{SAVE_STEP}"
     done = run_process([sys.executable, str(PRETRAIN),
-                        *run_args("adamw", tmp_path / "one", GLOBAL_ROWS, ["--trainer.resume_from_checkpoint", str(ckpt)])],
+                        *run_args("adamw", tmp_path / "one", GLOBAL_ROWS // 2,
+                                  ["--trainer.resume_from_checkpoint", str(ckpt)])],
                        timeout_s=LAUNCH_TIMEOUT_S, run_root=tmp_path, check=False)
     assert done.returncode != 0
-    assert "written by 2 processes and this run has 1" in done.output, done.output[-3000:]
+    assert "the global batch was 8 rows per optimizer step in the checkpoint and is 4 now" in done.output, \
+        done.output[-3000:]
     assert not (tmp_path / "one" / "metrics.jsonl").exists() or not _train_records(tmp_path / "one")
 
 

@@ -234,3 +234,23 @@ def test_resume_takes_hyperparameters_from_the_current_config_and_logs_each_chan
     for line in ("optimizer.lr 0.0006 → 1e-05", "optimizer.betas [0.9, 0.98] → [0.8, 0.9]",
                  "optimizer.weight_decay 0.01 → 0.2"):
         assert line in caplog.text
+
+
+def test_mixture_with_loader_workers_logs_tokens_per_source(tmp_path):
+    """A two-source mixture trained through 2 DataLoader workers: per-source token counts in metrics and summary
+    that add up to the trained tokens, and the same losses as without workers."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"line {i} about code and tests " * (1 + i % 4)}) + "\n"
+                            for i in range(60)))
+    mixture = json.dumps([{"label": "embedded", "name": "embedded", "weight": 0.75},
+                          {"label": "local", "name": "json", "data_files": [str(docs)], "weight": 0.25}])
+    extra = ["--dataset.mixture", mixture, "--trainer.save_steps", "null", "--trainer.max_steps", "3",
+             "--trainer.save_final_model", "false", "--wandb.mode", "disabled"]
+    _, summary = run(tiny(tmp_path / "workers", *extra, "--trainer.dataloader_num_workers", "2"))
+    _, plain = run(tiny(tmp_path / "plain", *extra))
+    assert losses(tmp_path / "workers") == losses(tmp_path / "plain")
+    per_source = {k: v for k, v in summary.items() if k.startswith("data/tokens/")}
+    assert set(per_source) == {"data/tokens/embedded", "data/tokens/local"}
+    assert sum(per_source.values()) == summary["tokens"]
+    last = [r for r in read_metrics(tmp_path / "workers" / "metrics.jsonl") if "train/loss" in r][-1]
+    assert last["data/tokens/local"] == per_source["data/tokens/local"]

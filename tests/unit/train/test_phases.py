@@ -94,15 +94,16 @@ def test_lr_decay_shapes(decay, mid):
 
 
 def test_continue_position_keeps_the_token_offset():
-    old = {"kind": "map", "epoch": 2, "batch_index": 10, "batch_size": 8, "world_size": 2}
-    new = {"kind": "map", "epoch": 0, "batch_index": 0, "batch_size": 4, "world_size": 2}
-    # 10 batches x 16 rows x 64 tokens = 10240 tokens = 10 batches of 8 rows x 128 tokens
-    assert ph.continue_position(old, 64, new, 128, 100) == {**new, "epoch": 2, "batch_index": 10}
-    assert ph.continue_position(old, 64, new, 96, 100)["batch_index"] == 14  # ceil(10240 / 768)
-    assert ph.continue_position(old, 64, new, 128, 9) == {**new, "epoch": 3, "batch_index": 0}  # past the epoch
-    s_old = {"kind": "stream", "epoch": 0, "rows_consumed": 48, "batch_size": 8, "world_size": 2}
-    s_new = {"kind": "stream", "epoch": 0, "rows_consumed": 0, "batch_size": 2, "world_size": 2}
-    assert ph.continue_position(s_old, 64, s_new, 256, None)["rows_consumed"] == 12
+    # 2 epochs of 1600 rows, then 10 global micro-batches of 16 rows of 64 tokens into the third.
+    old = {"kind": "map", "rows_consumed": 2 * 1600 + 160, "rows_per_epoch": 1600, "batch_size": 8, "world_size": 2}
+    new = {"kind": "map", "rows_consumed": 0, "rows_per_epoch": 800, "batch_size": 4, "world_size": 2}
+    assert ph.continue_position(old, 64, new, 128) == {**new, "rows_consumed": 2 * 800 + 80}
+    assert ph.continue_position(old, 64, new, 96)["rows_consumed"] == 2 * 800 + 14 * 8  # ceil(10240 / 768)
+    short = {**new, "rows_per_epoch": 72}
+    assert ph.continue_position(old, 64, short, 128) == {**short, "rows_consumed": 3 * 72}  # past the epoch
+    s_old = {"kind": "stream", "rows_consumed": 48, "batch_size": 8, "world_size": 2}
+    s_new = {"kind": "stream", "rows_consumed": 0, "batch_size": 2, "world_size": 2}
+    assert ph.continue_position(s_old, 64, s_new, 256)["rows_consumed"] == 12
 
 
 # ---- bad input: one line each --------------------------------------------------------------------------------
