@@ -184,7 +184,8 @@ def _streaming(run: RunConfig, tokenizer: PreTrainedTokenizerFast, collator: MLM
     """
     import numpy as np
 
-    from neobert_pt.data.sources import encode_texts, iter_token_documents, load_documents
+    from neobert_pt.data.sources import iter_token_documents, load_documents
+    from neobert_pt.data.tokenizer import encode_texts
 
     cfg, tr = run.dataset, run.trainer
     if cfg.name == "tokenized":

@@ -35,7 +35,7 @@ _WORK: dict[str, Any] = {}  # set in the parent before the pool forks: (document
 
 
 def _prepare_shard(index: int) -> dict[str, Any]:
-    from neobert_pt.data.sources import encode_texts
+    from neobert_pt.data.tokenizer import encode_texts
 
     docs, tokenizer, out, dtype, per_shard = (_WORK[k] for k in ("docs", "tokenizer", "out", "dtype", "per_shard"))
     texts = docs[index * per_shard:(index + 1) * per_shard]["text"]

@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from functools import partial
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -20,8 +19,8 @@ from transformers import PreTrainedTokenizerFast
 from neobert_pt.config.schema import RunConfig
 from neobert_pt.data.errors import DataError
 from neobert_pt.data.holdout import HOLDOUT_SEED, holdout_split
+from neobert_pt.data.tokenizer import EMBEDDED_CORPUS, encode_texts
 
-EMBEDDED_CORPUS = Path(__file__).with_name("embedded") / "corpus.jsonl.gz"
 LOCAL_BUILDERS = ("text", "json", "parquet", "csv")
 TOKENIZE_BATCH = 256
 
@@ -130,14 +129,6 @@ def iter_training_texts(run: RunConfig) -> Iterator[str]:
             yield example["text"]
 
 
-def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str | None]) -> list[list[int]]:
-    """``[CLS] ids [SEP]`` per non-empty text; empty texts are dropped (a document of no tokens is not data)."""
-    texts = [t for t in texts if t]
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    return [[cls, *enc.ids, sep] for enc in encodings]
-
-
 def _tokenize_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerFast) -> dict[str, list]:
     return {"input_ids": encode_texts(tokenizer, batch["text"])}
 
@@ -176,5 +167,5 @@ def flat_tokens(tokenized: datasets.Dataset) -> tuple[np.ndarray, np.ndarray, np
     return values, offsets[:-1], np.diff(offsets)
 
 
-__all__ = ["HOLDOUT_SEED", "encode_texts", "flat_tokens", "holdout_split", "iter_token_documents",
-           "load_documents", "tokenize_documents"]
+__all__ = ["EMBEDDED_CORPUS", "HOLDOUT_SEED", "encode_texts", "flat_tokens", "holdout_split",
+           "iter_token_documents", "load_documents", "tokenize_documents"]

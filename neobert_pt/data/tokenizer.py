@@ -6,7 +6,7 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -17,6 +17,7 @@ from neobert_pt.data.errors import DataError
 
 EMBEDDED_DIR = Path(__file__).with_name("embedded")
 EMBEDDED_VOCAB = EMBEDDED_DIR / "vocab.txt"
+EMBEDDED_CORPUS = EMBEDDED_DIR / "corpus.jsonl.gz"
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                   "mask_token": "[MASK]"}
 
@@ -91,8 +92,6 @@ def _train_wordpiece(run: RunConfig) -> Tokenizer:
 
 def trained_tokenizer_path(run: RunConfig) -> Path:
     """Cache file of the tokenizer trained for this run's data and tokenizer settings."""
-    from neobert_pt.data.sources import EMBEDDED_CORPUS
-
     ds = run.dataset
     files = sorted(f for pattern in ds.data_files or [] for f in glob.glob(os.path.expanduser(pattern)))
     if ds.name == "embedded":
@@ -132,6 +131,14 @@ def _from_pretrained(name: str, max_len: int) -> PreTrainedTokenizerFast:
     tok.backend_tokenizer.no_truncation()
     tok.backend_tokenizer.no_padding()
     return tok
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str | None]) -> list[list[int]]:
+    """``[CLS] ids [SEP]`` per non-empty text; empty texts are dropped (a document of no tokens is not data)."""
+    texts = [t for t in texts if t]
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    return [[cls, *enc.ids, sep] for enc in encodings]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:

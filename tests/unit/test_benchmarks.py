@@ -104,3 +104,13 @@ def test_gpu_suite_smoke_trainer_section():
     assert set(rows) == {"adamw", "dana-star-mk4"}, payload
     assert all(_finite_positive(r["tokens_per_sec"]) for r in rows.values()), rows
     assert rows["adamw"]["ratio_vs_adamw"] == 1.0
+
+
+@pytest.mark.slow
+def test_data_throughput_reports_every_kind_world_size_and_worker_count():
+    payload = _run("data_throughput.py")
+    cases = {(r["kind"], r["W"], r["workers"]) for r in payload["results"]}
+    assert cases == {(k, w, n) for k in ("tokenized", "map", "stream", "mixture") for w in (1, 8) for n in (0, 2)}
+    assert all(_finite_positive(r["tokens_per_s_per_rank"]) for r in payload["results"])
+    assert all(r["wait_ms_median"] >= 0 for r in payload["results"])
+    assert payload["tokenized_file_bytes"] > 0 and "rss_anon_growth_fraction" in payload
