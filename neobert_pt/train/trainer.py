@@ -273,8 +273,9 @@ class Trainer:
     # ---- set-up helpers ---------------------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
         """Checkpoint state under the current config (resume.py): hyperparameters and schedule stay as configured."""
-        # The data position first: a changed global batch is refused before any state is loaded.
-        self.data.train.load_state_dict(self.checkpointer.rank_state(path)["data"])
+        early = self.checkpointer.rank_state(path)
+        if early.get("phase", {}).get("data_phase", 0) == self.data_phase:
+            self.data.train.load_state_dict(early["data"])  # a changed global batch is refused before any loading
         restored = resume.restore(self.checkpointer, path, run=self.run, model=self.unwrapped,
                                   optimizer=self.optimizer, scheduler=self.scheduler)
         self.state.load_state_dict(restored.trainer_state)
