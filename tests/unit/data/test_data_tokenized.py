@@ -4,6 +4,7 @@ one-line errors, no ``datasets`` import on the read path, and RSS growth far bel
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -139,3 +140,19 @@ def test_reading_imports_no_datasets_and_copies_nothing(run, tmp_path):
     grown = int(done.stdout.split("GROWN")[1])
     size = manifest["num_tokens"] * 2
     assert grown <= 0.10 * size, f"RSS grew {grown:,} bytes for {size:,} bytes of token files"
+
+
+def test_tokenized_with_workers_resumes_exactly(run, prepared, tokenizer):
+    out, _ = prepared
+    run = _tokenized_run(run, out)
+    expected = list(itertools.islice(build_data(run, tokenizer, rank=1, world_size=2).train, 8))
+    run.trainer.dataloader_num_workers = 2
+    first = build_data(run, tokenizer, rank=1, world_size=2).train
+    got = list(itertools.islice(first, 3))
+    state = first.state_dict()
+    first.close()
+    resumed = build_data(run, tokenizer, rank=1, world_size=2).train
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # the state is what a checkpoint stores (JSON)
+    got += list(itertools.islice(resumed, 5))
+    resumed.close()
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(got, expected, strict=True) for k in a)
