@@ -76,7 +76,6 @@ class MapBatches:
 
     def __init__(self, rows: PackedRows | RowList, collator: MLMCollator, plan: BatchPlan, *, seed: int) -> None:
         self.rows, self.collator, self.plan, self.seed = rows, collator, plan, seed
-        self.rows_per_epoch = len(rows) // plan.rows_per_step * plan.rows_per_step
         if self.rows_per_epoch == 0:
             raise DataError(
                 f"the training data has {len(rows)} rows of {collator.max_seq_length} tokens, fewer than one global "
@@ -84,6 +83,11 @@ class MapBatches:
                 "processes); lower trainer.per_device_train_batch_size or dataset.max_seq_length, or use more data."
             )
         self._order: tuple[int, np.ndarray] | None = None
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Positions per epoch: whole optimizer steps only (the incomplete last global batch is dropped)."""
+        return len(self.rows) // self.plan.rows_per_step * self.plan.rows_per_step
 
     @property
     def signature(self) -> dict[str, Any]:
@@ -377,6 +381,13 @@ class TrainLoader:
                             f"{state.get('version')}, this run expects {self.kind}/{STATE_VERSION} (a different "
                             "dataset kind or an older neobert_pt); start a fresh run.")
         plan = self.plan
+        if state["rows_per_step"] != plan.rows_per_step and (state["world_size"], state["batch_size"]) == (
+                plan.world_size, plan.batch_size):
+            # Same micro-batches, another accumulation (a phase's batch warmup, or a phase that kept its loader):
+            # keep the layout the position was saved with, so the rows continue exactly.
+            plan = self.plan = self.batches.plan = BatchPlan(batch_size=plan.batch_size, rank=plan.rank,
+                                                             world_size=plan.world_size,
+                                                             rows_per_step=state["rows_per_step"])
         if state["rows_per_step"] != plan.rows_per_step:
             raise DataError(
                 f"cannot resume the data position: the global batch was {state['rows_per_step']} rows per optimizer "
@@ -389,6 +400,9 @@ class TrainLoader:
             if state.get(key) != value:
                 raise DataError(f"cannot resume the data position: {key} was {state.get(key)} in the checkpoint and "
                                 f"is {value} now (different data or seed); positions would not match.")
+        if state["rows_consumed"] % plan.global_batch:
+            raise DataError(f"cannot resume the data position: {state['rows_consumed']} rows consumed is not a whole "
+                            f"number of global micro-batches of {plan.global_batch} rows.")
         self.micro = state["rows_consumed"] // plan.global_batch
         if self.source_tokens is not None:
             self.source_tokens = np.asarray([state["source_tokens"][label] for label in self.labels], np.int64)

@@ -125,6 +125,12 @@ def test_changed_global_batch_and_foreign_state_are_refused(rows, collator):
     state = _map_loader(rows, collator, batch_size=2, world_size=2).state_dict()
     with pytest.raises(DataError, match="global batch was 4 rows per optimizer step.*is 2 now"):
         _map_loader(rows, collator, batch_size=2).load_state_dict(state)
+    # Same processes and rows per device, another accumulation (a phase's batch warmup): the saved layout is kept.
+    saved = _map_loader(rows, collator, batch_size=2, accumulation=3)
+    list(itertools.islice(saved, 40))
+    adopted = _map_loader(rows, collator, batch_size=2)
+    adopted.load_state_dict(saved.state_dict())
+    assert adopted.plan.rows_per_step == 6 and all(_same(next(adopted), next(saved)) for _ in range(30))
     state = _map_loader(rows, collator, batch_size=2).state_dict()
     with pytest.raises(DataError, match="seed was 11"):
         _map_loader(rows, collator, batch_size=2, seed=12).load_state_dict(state)
