@@ -5,10 +5,10 @@ Each param group has an ``algorithm`` key: ``"muon"`` or ``"adamw"``. A Muon ste
     M ← μ·M + G;  U = G + μ·M (Nesterov) or M;  O = orthogonalize(bf16(U));  W ← W·(1 − ηλ) − bf16(η̃·O)
 
 where ``η̃`` rescales the LR from the *projection* shape (``adjust_lr``). A group with ``split_rows = s`` (fused QKV)
-is treated as ``s`` independent ``(m/s)×n`` matrices: each block is orthogonalised and scaled on its own. With
-``adjust_lr="spectral_norm"``, ``nesterov=False`` and the default orthogonaliser this is exactly upstream
-``dion.Muon``'s eager step (spec ``dion2_muonclip.md`` §3.1), bit-for-bit on CPU. All per-step scalars are computed
-in fp32 on the host from Python floats, so ``step()`` never waits for the device.
+is treated as ``s`` independent ``(m/s)×n`` matrices: each block is orthogonalised and scaled on its own. With the
+constructor's (upstream's) defaults this is upstream ``dion.Muon``'s eager step (spec ``dion2_muonclip.md`` §3.1)
+with its rounding points: μ, ``1 − ηλ`` and ``η̃`` are fp32 0-d tensors made by device fills (never a host sync),
+and the AdamW groups count steps per parameter (``tests/unit/optim/test_upstream_differential.py``).
 
 Distributed: with a ``ProcessGroup`` (DDP, replicated params, grads already averaged) every rank holds every matrix;
 the orthogonalisation of each same-shape batch is split across ranks and all-gathered, so all ranks apply the same
