@@ -208,7 +208,9 @@ class TrainerConfig:
     dataloader_prefetch_factor: int = option(4, "Micro-batches each worker prepares ahead (with workers > 0).")
     dataloader_pin_memory: bool = option(True, "Pin host batches for asynchronous copies (CUDA only).")
     activation_checkpointing: bool = option(False, "Recompute block activations in backward to save memory.")
-    torch_compile: bool = option(False, "Compile the model with torch.compile.")
+    torch_compile: bool = option(
+        False, "torch.compile each encoder block (after activation checkpointing, before the DDP/FSDP2 wrap)."
+    )
     peak_tflops: float | None = option(
         None,
         "Peak TFLOP/s per device that train/mfu divides by (null: the bf16 dense peak of the device from the table "

@@ -114,6 +114,17 @@ def with_host_metadata(batch: dict[str, Any], config: Any) -> dict[str, Any]:
     return batch
 
 
+def compile_blocks(model: Any) -> None:
+    """``torch.compile`` every encoder block in place (``nn.Module.compile``: parameter names, state dicts and
+    checkpoints stay exactly as without it). Blocks see fixed shapes (packed rows of ``max_seq_length``), so after
+    the first step nothing recompiles; the embedding, the masked-positions decoder and the loss stay eager (their
+    shapes change with the number of masked tokens)."""
+    layers = model.model.layers
+    for layer in layers:
+        layer.compile()
+    logger.info("torch.compile: %d encoder blocks compiled one by one (first step compiles)", len(layers))
+
+
 class Trainer:
     """Pretrains NeoBERT with masked language modelling as configured by ``run``.
 
@@ -173,6 +184,8 @@ class Trainer:
         )
         if tcfg.activation_checkpointing:
             model.gradient_checkpointing_enable()
+        if tcfg.torch_compile:  # torchtitan's order: activation checkpointing -> compile -> DDP/FSDP2 wrap
+            compile_blocks(model)
         self.num_params = sum(p.numel() for p in model.parameters())
         self._model_cls = type(model)
         self._optimizer_syncs_replicas = distributed.optimizer_syncs_replicas(acc, run.optimizer)
@@ -180,8 +193,6 @@ class Trainer:
         replicate_mesh, shard_mesh = distributed.hsdp_meshes(acc)
         self._replicate_group = replicate_mesh.get_group() if replicate_mesh is not None else None
         self.unwrapped = acc.unwrap_model(self.model)
-        if tcfg.torch_compile:
-            self.model = torch.compile(self.model)
 
         built = build_optimizer(OptimizerContext(model=self.unwrapped, config=run.optimizer,
                                                  max_steps=self.max_steps, distributed_mesh=mesh,
