@@ -62,7 +62,7 @@ def resolve_model(spec: str, results_dir: str | Path | None = None) -> ModelSour
             raise EvalError(f"{path} has no final/ model (the run did not finish or trainer.save_final_model was "
                             f"false); pass a checkpoint instead, e.g. {path / 'checkpoints' / 'step_N'}")
         raise EvalError(f"{path} is not a run directory (final/), a model directory (config.json) or a training "
-                        "checkpoint (config.yaml + model.safetensors)")
+                        f"checkpoint (config.yaml + model.safetensors or {FSDP_MODEL_DIR}/)")
     if path.exists():
         raise EvalError(f"{spec} is a file; pass a run, model or checkpoint directory")
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
@@ -83,16 +83,35 @@ def _from_hub(repo_id: str, out: Path | None) -> ModelSource:
     return ModelSource(repo_id, Path(local), results, hub_id=repo_id)
 
 
+FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's sharded (DCP) model state under FSDP2
+
+
 def is_checkpoint(path: Path) -> bool:
     """A trainer checkpoint (``accelerator.save_state`` weights + ``config.yaml``), not a ``save_pretrained`` dir."""
-    return (path / "config.yaml").is_file() and (path / "model.safetensors").is_file() \
-        and not (path / "config.json").is_file()
+    weights = (path / "model.safetensors").is_file() or (path / FSDP_MODEL_DIR).is_dir()
+    return (path / "config.yaml").is_file() and weights and not (path / "config.json").is_file()
+
+
+def _checkpoint_state_dict(ckpt: Path) -> dict:
+    """The full model state dict of a checkpoint: ``model.safetensors`` (one process / DDP) or the FSDP2 DCP shards
+    gathered into one file on this process (no process group needed)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if (ckpt / "model.safetensors").is_file():
+        return load_file(str(ckpt / "model.safetensors"))
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(prefix="neobert_dcp_") as tmp:
+        full = Path(tmp) / "model.pt"
+        dcp_to_torch_save(ckpt / FSDP_MODEL_DIR, full)
+        state = torch.load(full, map_location="cpu", weights_only=True)
+    return state.get("model", state)  # accelerate saves {"model": state_dict}
 
 
 def materialize_checkpoint(ckpt: Path) -> tuple[tempfile.TemporaryDirectory, int | None]:
     """``checkpoints/step_N`` as model + tokenizer in a temporary directory (caller cleans it up) and its step."""
     import torch
-    from safetensors.torch import load_file
 
     from neobert_pt.config import load_config
     from neobert_pt.data import build_tokenizer
@@ -104,10 +123,10 @@ def materialize_checkpoint(ckpt: Path) -> tuple[tempfile.TemporaryDirectory, int
     vocab = fields.pop("vocab_size") or len(tokenizer)
     with torch.random.fork_rng(devices=[]):
         model = NeoBERTForMaskedLM(NeoBERTConfig(**fields, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id))
-    result = model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+    result = model.load_state_dict(_checkpoint_state_dict(ckpt), strict=False)
     missing = [k for k in result.missing_keys if k != "lm_head.weight"]  # the tied decoder is stored once
     if missing or result.unexpected_keys:
-        raise EvalError(f"{ckpt / 'model.safetensors'} does not match model.* of its config.yaml "
+        raise EvalError(f"the weights in {ckpt} do not match model.* of its config.yaml "
                         f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
     model.tie_weights()
     tmp = tempfile.TemporaryDirectory(prefix="neobert_ckpt_")

@@ -64,3 +64,10 @@ def test_pretraining_logs_downstream_equal_to_offline(accelerate_config, tmp_pat
     offline = run_pppl(model, build_tokenizer(cfg), eval_fraction=cfg.dataset.eval_fraction, max_length=32,
                        max_tokens=40, batch_size=cfg.trainer.per_device_eval_batch_size, progress=False)
     assert offline["metrics"]["pppl"] == pytest.approx(logged[0]["downstream/pppl/pppl"], rel=1e-5)
+    # the step-2 checkpoint (model.safetensors under DDP, DCP shards under FSDP2) evaluates to the same number
+    ckpt = out / "checkpoints" / "step_2"
+    assert (ckpt / ("pytorch_model_fsdp_0" if "fsdp" in accelerate_config else "model.safetensors")).exists()
+    assert main([str(ckpt), "--suite", "pppl", "--pppl-max-tokens", "40", "--batch-size",
+                 str(cfg.trainer.per_device_eval_batch_size), "--no-progress", "--cpu"]) == 0
+    from_ckpt = json.loads((out / "eval" / "step_2" / "eval_results.json").read_text())["suites"]["pppl"]
+    assert from_ckpt["metrics"]["pppl"] == pytest.approx(offline["metrics"]["pppl"], rel=1e-5)
