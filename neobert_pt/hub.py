@@ -258,7 +258,8 @@ def _copy_eval_results(source: ExportSource, target: Path) -> None:
     results_dir = source.results_dir or source.model_dir
     for name in (RESULTS_JSON, RESULTS_MD):
         if (results_dir / name).is_file() and results_dir.resolve() != target.resolve():
-            shutil.copy2(results_dir / name, target / name)
+            text = (results_dir / name).read_text(encoding="utf-8")
+            (target / name).write_text(relative_paths(text, source.run_dir), encoding="utf-8")  # no local layout
 
 
 def push(

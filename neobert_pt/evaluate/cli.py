@@ -21,8 +21,14 @@ logger = logging.getLogger("neobert_pt.evaluate")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m neobert_pt.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m neobert_pt.evaluate",
+        description="Downstream evaluation of a NeoBERT encoder (suites, recipes and definitions: docs/evaluation.md). "
+                    "Results are merged into eval_results.json / eval_results.md next to the model.",
+        epilog="examples: python -m neobert_pt.evaluate outputs/tiny --suite probe pppl | "
+               "... outputs/run/checkpoints/step_2000 --suite pppl | ... outputs/run --suite glue --glue-data ~/glue | "
+               "accelerate launch -m neobert_pt.evaluate outputs/run --suite glue",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="run dir, final/ or model dir, checkpoints/step_N, or a Hub id")
     p.add_argument("--suite", nargs="+", choices=SUITES, default=["probe", "pppl"], help="suites to run")
     p.add_argument("--output-dir", type=Path, default=None, help="where results go (default: next to the model)")
@@ -127,7 +133,7 @@ def run_suites(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                                              mteb_tasks=args.mteb_tasks, batch_size=args.batch_size,
                                              device=acc.device, output_dir=source.results_dir)
             if acc.is_main_process:
-                path = write_results(source.results_dir, source.spec, source.step, {suite: done[suite]})
+                path = write_results(source.results_dir, source.display_name, source.step, {suite: done[suite]})
         if acc.is_main_process and done:
             from neobert_pt.evaluate.results import read_results
 

@@ -38,6 +38,16 @@ class ModelSource:
     hub_id: str | None = None
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
+    @property
+    def display_name(self) -> str:
+        """What results and cards call the model: the Hub id, or the path from the run directory's parent
+        (``tiny/final``, ``tiny/checkpoints/step_200``), never a full local path."""
+        if self.hub_id:
+            return self.hub_id
+        path = Path(self.spec).expanduser().resolve()
+        base = self.run_dir.parent if self.run_dir else path.parent
+        return str(path.relative_to(base)) if path.is_relative_to(base) else path.name
+
     def cleanup(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -53,7 +53,7 @@ def test_probe_and_pppl_on_a_training_checkpoint(tmp_path, capsys):
                  "--probe-window", "8", "--no-progress", "--cpu"])
     assert code == 0, capsys.readouterr().err
     results = json.loads((tmp_path / "run" / "eval" / "step_7" / "eval_results.json").read_text())
-    assert results["step"] == 7
+    assert results["step"] == 7 and results["model"] == "run/checkpoints/step_7"  # no absolute local path
     pppl = results["suites"]["pppl"]
     assert pppl["metrics"]["tokens"] == 60 and pppl["settings"]["max_length"] == 32
     assert 1 < pppl["metrics"]["pppl"] < 1e6
