@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that does all set-up on a machine with only python3, then runs what you ask for.
 #   bash scripts/dev.sh pretrain [--trainer.max_steps N ...]   # pretrain NeoBERT on the embedded default corpus
-#   bash scripts/dev.sh evaluate [RUN_DIR] [evaluate args]      # probe + PPPL: pretrained tiny model vs random init
+#   bash scripts/dev.sh evaluate [RUN_DIR] [evaluate args]      # probe (vs a random init) + PPPL of the tiny model
 #   bash scripts/dev.sh test [pytest args]                       # run the test suite
 #   bash scripts/dev.sh setup                                    # only create/refresh .venv
 set -euo pipefail
