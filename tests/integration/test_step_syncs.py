@@ -69,3 +69,27 @@ def test_non_logging_step_has_one_host_sync(tmp_path, monkeypatch, optimizer):
         assert isinstance(metrics["train/loss"], float) and isinstance(metrics["train/grad_norm"], float)
     finally:
         trainer.close()
+
+
+def test_tflops_and_mfu_reach_metrics_and_summary(tmp_path):
+    """train/tflops on every logging step; train/mfu with trainer.peak_tflops (a CPU has no table entry)."""
+    from neobert_pt.train.summary import read_metrics
+
+    out = tmp_path / "run"
+    cfg = load_config(None, [
+        "--model.hidden_size", "32", "--model.num_hidden_layers", "1", "--model.num_attention_heads", "2",
+        "--model.intermediate_size", "64", "--dataset.max_seq_length", "32", "--dataset.max_documents", "30",
+        "--trainer.per_device_train_batch_size", "2", "--trainer.max_steps", "3", "--trainer.logging_steps", "1",
+        "--trainer.eval_steps", "null", "--trainer.save_steps", "null", "--trainer.save_final_model", "false",
+        "--trainer.disable_tqdm", "true", "--trainer.peak_tflops", "0.5", "--trainer.output_dir", str(out),
+        "--wandb.mode", "disabled",
+    ])
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    train = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    assert len(train) == 3 and all(r["train/tflops"] > 0 for r in train)
+    assert all(r["train/mfu"] == pytest.approx(r["train/tflops"] / 0.5) for r in train)
+    assert summary["tflops_per_device"] > 0 and summary["mfu"] > 0
