@@ -249,9 +249,15 @@ def mesh_description(accelerator: Accelerator) -> str:
     return f"{mode(accelerator)} {accelerator.num_processes}"
 
 
-def check_resume_mesh(accelerator: Accelerator, checkpoint: Any) -> None:
+# Optimizers whose state is per parameter and whole on every rank under single/DDP (element-wise updates): their
+# checkpoints resume on another number of DDP processes (the data position is global, docs/data.md).
+RESHARDABLE_OPTIMIZERS = ("adamw", "adamw-decaying-wd", "adana", "dana-mk4", "dana-star", "dana-star-mk4")
+
+
+def check_resume_mesh(accelerator: Accelerator, checkpoint: Any, optimizer: str | None = None) -> None:
     """Refuse (one line) to resume a checkpoint written on another mesh shape: sharded optimizer state (Dion's Q,
-    per-shard layouts) is tied to it. Checkpoints without a mesh record are accepted."""
+    per-shard layouts) is tied to it. Checkpoints without a mesh record are accepted, and so is a change between
+    one process and DDP of any size for the element-wise optimizers (``RESHARDABLE_OPTIMIZERS``)."""
     import json
     from pathlib import Path
 
@@ -259,7 +265,8 @@ def check_resume_mesh(accelerator: Accelerator, checkpoint: Any) -> None:
     if not record.is_file():
         return
     saved, current = json.loads(record.read_text())["mesh"], mesh_description(accelerator)
-    if saved != current:
+    replicated = {saved.split()[0], current.split()[0]} <= {"single", "ddp"}
+    if saved != current and not (replicated and optimizer in RESHARDABLE_OPTIMIZERS):
         raise ConfigError(
             f"cannot resume {checkpoint}: it was written on a '{saved}' mesh and this launch is '{current}'; "
             "resume with the accelerate config that wrote it (same num_processes and parallelism_config)"

@@ -206,7 +206,7 @@ class Trainer:
         self.resumed_from_step: int | None = None
         self._consecutive_nonfinite = 0
         if self.resume_path is not None:
-            distributed.check_resume_mesh(acc, self.resume_path)
+            distributed.check_resume_mesh(acc, self.resume_path, run.optimizer.name)
             self._resume(self.resume_path)
 
         self.metrics = build_metric_logger(
