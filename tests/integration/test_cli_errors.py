@@ -174,7 +174,7 @@ def test_resume_with_another_batch_size_is_one_line(capsys, finished_run, tmp_pa
     out = _copy(finished_run, tmp_path)
     argv = _run_argv(out, "--trainer.resume_from_checkpoint", "latest", "--trainer.per_device_train_batch_size", "2",
                      "--trainer.max_steps", "3")
-    assert_one_line_error(capsys, pretrain.main, argv, "batch_size was 4")
+    assert_one_line_error(capsys, pretrain.main, argv, "global batch was 4 rows", "is 2 now")
 
 
 def test_resume_from_a_tampered_checkpoint_is_refused(capsys, finished_run, tmp_path):

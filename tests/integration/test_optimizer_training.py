@@ -30,7 +30,7 @@ TINY = [
 ]
 TRAIN_KEYS = {"step", "train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/steps_per_sec",
               "train/peak_memory_mb", "train/nonfinite_skipped"}
-TIMING_KEYS = {"train/tokens_per_sec", "train/steps_per_sec", "train/peak_memory_mb"}
+TIMING_KEYS = {"train/tokens_per_sec", "train/steps_per_sec", "train/peak_memory_mb", "train/tflops", "train/mfu"}
 TAU = 0.01  # the tiny model's logits are ~0.02-0.07 (init std 0.02, head_dim 16), so this clips on most steps
 CLIP_INTERVAL = 2
 
