@@ -33,7 +33,9 @@ and re-tokenizes only this rank's (1/W) share of them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import queue
 import threading
 from collections import deque
@@ -46,6 +48,8 @@ import torch
 from neobert_pt.data.collator import MLMCollator
 from neobert_pt.data.errors import DataError
 from neobert_pt.data.packing import PackedRows, Row, RowList, make_row
+
+logger = logging.getLogger(__name__)
 
 STATE_VERSION = 2
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # first word of a mask key: train and eval masks never share randomness
@@ -316,6 +320,7 @@ class _Prefetcher:
     def __init__(self, source: Iterator[Batch], depth: int) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stopped = threading.Event()
+        self.source: Iterator[Batch] | None = source
         self.thread = threading.Thread(target=self._fill, args=(source,), daemon=True, name="neobert-prefetch")
         self.thread.start()
 
@@ -342,8 +347,23 @@ class _Prefetcher:
             raise item[1]
         return item
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop and join the thread, then drop the source so the DataLoader shuts its workers down now.
+
+        Joining matters: a daemon thread still inside torch's worker-receive code when the interpreter exits can
+        abort the process ("terminate called without an active exception") after a run that otherwise finished.
+        """
         self.stopped.set()
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):  # unblock a put() waiting on a full queue
+                while True:
+                    self.queue.get_nowait()
+            self.thread.join(timeout=0.1)
+            timeout_s -= 0.1
+            if timeout_s <= 0:
+                logger.warning("the data prefetch thread did not stop within its timeout; continuing")
+                break
+        self.source = None  # the last reference: the DataLoader iterator's finaliser stops its workers
 
 
 class TrainLoader:

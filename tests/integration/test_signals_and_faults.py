@@ -61,6 +61,8 @@ def test_signal_finishes_the_step_saves_and_resumes_bit_exactly(reference, tmp_p
         return original(self, should_log)
 
     monkeypatch.setattr(Trainer, "train_step", signal_during_step_3)
+    # What the process had before the run (SIGINT is SIG_IGN under a non-interactive shell's background job).
+    handlers_before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     trainer, summary = run(tiny(tmp_path))
     monkeypatch.setattr(Trainer, "train_step", original)
     assert trainer.exit_code == 75 and summary["steps"] == 3
@@ -68,7 +70,7 @@ def test_signal_finishes_the_step_saves_and_resumes_bit_exactly(reference, tmp_p
     assert json.loads((tmp_path / "summary.json").read_text())["status"].startswith("interrupted")
     ckpts = Checkpointer(None, tmp_path, save_steps=None, save_total_limit=None, max_steps=6)
     assert ckpts.latest().name == "step_3" and not (tmp_path / "final").exists()
-    assert signal.getsignal(sig) is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert {s: signal.getsignal(s) for s in handlers_before} == handlers_before  # the trainer restored them
 
     trainer, summary = run(tiny(tmp_path, "--trainer.resume_from_checkpoint", "latest"))
     assert trainer.resumed_from_step == 3 and trainer.exit_code == 0 and summary["status"] == "completed"

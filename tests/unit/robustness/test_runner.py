@@ -72,7 +72,9 @@ def test_interrupted_matrix_finishes_on_rerun_without_redoing_runs(tmp_path):
     cmd = [sys.executable, "-m", "neobert_pt.robustness", "run", "--profile", "cpu", "--stages", "A",
            "--output-root", str(tmp_path / "out"), "--python-bin", _fake_python(tmp_path)]
     repo = Path(__file__).resolve().parents[3]
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT back to its default in the child: a background job of a non-interactive shell inherits it ignored.
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and (not calls.exists() or len(calls.read_text().splitlines()) < 3):
         time.sleep(0.2)
