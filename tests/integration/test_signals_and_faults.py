@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_runs import losses, run  # tests/integration/training_runs.py
 
 from neobert_pt.config import load_config
 from neobert_pt.train import NonFiniteLossError, Trainer
 from neobert_pt.train.checkpoint import Checkpointer
-from neobert_pt.train.summary import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -30,18 +30,6 @@ TINY = [
 def tiny(out, *extra):
     return load_config(None, [*TINY, "--trainer.output_dir", str(out), *extra])
 
-
-def run(cfg):
-    trainer = Trainer(cfg)
-    try:
-        return trainer, trainer.fit()
-    finally:
-        trainer.close()
-
-
-def losses(out):
-    return {r["step"]: (r["train/loss"], r["train/grad_norm"], r["train/lr"])
-            for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r}
 
 
 @pytest.fixture(scope="module")

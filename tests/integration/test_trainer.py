@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_runs import losses, run  # tests/integration/training_runs.py
 
 from neobert_pt.config import load_config
 from neobert_pt.modeling import NeoBERTForMaskedLM
@@ -34,18 +35,6 @@ TRAIN_KEYS = {"step", "train/loss", "train/lr", "train/grad_norm", "train/tokens
 def tiny(out: Path, *extra: str):
     return load_config(None, [*TINY, "--trainer.output_dir", str(out), *extra])
 
-
-def run(cfg):
-    trainer = Trainer(cfg)
-    try:
-        return trainer, trainer.fit()
-    finally:
-        trainer.close()
-
-
-def losses(out: Path) -> dict[int, tuple[float, float, float]]:
-    return {r["step"]: (r["train/loss"], r["train/grad_norm"], r["train/lr"])
-            for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r}
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_runs import run  # tests/integration/training_runs.py
 
 from neobert_pt.config import load_config, parse_args
 from neobert_pt.config.yamlio import parse_yaml
@@ -40,14 +41,6 @@ EXPECTED = {1: (64, 0.3, 256, 0), 2: (64, 0.3, 256, 0), 3: (64, 0.3, 512, 0), 4:
 
 def tiny(out: Path, *extra: str):
     return load_config(None, [*TINY, "--trainer.output_dir", str(out), *extra])
-
-
-def run(cfg):
-    trainer = Trainer(cfg)
-    try:
-        return trainer, trainer.fit()
-    finally:
-        trainer.close()
 
 
 def train_records(out: Path) -> dict[int, dict]:
