@@ -35,10 +35,11 @@ class ModelConfig:
     dropout: float = option(0.0, "Dropout on attention output and FFN output (NeoBERT pretrains without dropout).")
     tie_word_embeddings: bool = option(True, "Tie the MLM decoder to the token embedding.")
     initializer_range: float = option(0.02, "Std of the normal init of linear and embedding weights.")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = option(
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen", "flex_attention"] = option(
         "sdpa",
-        "Attention backend. 'auto' picks the fastest exact one and logs why: flash_attention_2 on CUDA with flash-attn, "
-        "flex_attention (compiled, document block mask) on CUDA without it, sdpa on CPU.",
+        "Attention backend. 'auto' picks the fastest exact one and logs one line saying which and why: on CUDA "
+        "flash_attention_2 with flash-attn, else varlen (torch's varlen_attn, when this torch has it), else "
+        "flex_attention (compiled, document block mask); sdpa on CPU. The varlen backends unpad once per forward.",
     )
     masked_logits_only: bool = option(
         True, "Compute the MLM decoder only on masked positions (same loss, far less compute)."

@@ -14,7 +14,7 @@ from transformers import PreTrainedConfig
 logger = logging.getLogger(__name__)
 
 HIDDEN_ACTS = ("swiglu", "gelu")
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "varlen", "flex_attention")
 
 
 def swiglu_inner_size(intermediate_size: int) -> int:
@@ -25,24 +25,46 @@ def swiglu_inner_size(intermediate_size: int) -> int:
     return 8 * math.ceil(2 * intermediate_size / 3 / 8)
 
 
-def resolve_attn_implementation(name: str) -> str:
-    """Turn ``'auto'`` into the fastest exact backend here, logged once with the reason.
+def choose_attn_implementation(*, cuda: bool, flash_attn: bool, torch_varlen: bool, flex: bool,
+                               torch_version: str = "") -> tuple[str, str]:
+    """(backend, why) that ``'auto'`` picks given what is available: the fastest exact backend.
 
-    CUDA with flash-attn installed: ``flash_attention_2`` (varlen kernel, packed documents without a mask); CUDA
-    without it: ``flex_attention`` (compiled block-sparse document mask); CPU: ``sdpa`` (flex runs unfused there).
+    CUDA: ``flash_attention_2`` when flash-attn is installed, else ``varlen`` when this torch has
+    ``torch.nn.attention.varlen.varlen_attn``: both run a flash kernel on the unpadded token stream split at
+    document boundaries (no padding FLOPs, no mask); flash-attn first because installing it is an explicit choice.
+    Else ``flex_attention`` (compiled, block-sparse document mask: partly padded blocks are still computed). CPU:
+    ``sdpa`` (torch's varlen kernel is CUDA-only and flex runs unfused there). The order is by construction; the
+    backends are not yet measured against each other on a GPU (``benchmarks/gpu_suite.py`` measures them).
     """
+    torch_name = f"torch {torch_version}".strip()
+    if not cuda:
+        return "sdpa", "no CUDA device (torch's varlen kernel is CUDA-only, flex_attention is unfused on CPU)"
+    if flash_attn:
+        return "flash_attention_2", "CUDA with flash-attn installed (varlen kernel on the unpadded token stream)"
+    if torch_varlen:
+        return "varlen", f"CUDA without flash-attn; {torch_name} has varlen_attn (kernel on the unpadded token stream)"
+    if flex:
+        return "flex_attention", (f"CUDA without flash-attn; {torch_name} has no varlen_attn: compiled flex_attention "
+                                  "with a document block mask")
+    return "sdpa", f"CUDA without flash-attn; {torch_name} has neither varlen_attn nor flex_attention"
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """Turn ``'auto'`` into :func:`choose_attn_implementation`'s pick here, logged as one line with the reason."""
     if name != "auto":
         return name
     import torch
 
-    if not torch.cuda.is_available():
-        choice, why = "sdpa", "no CUDA device (flex_attention is unfused on CPU)"
-    elif importlib.util.find_spec("flash_attn") is not None:
-        choice, why = "flash_attention_2", "CUDA with flash-attn installed (varlen kernel)"
-    elif importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
-        choice, why = "flex_attention", "CUDA without flash-attn: compiled flex_attention with a document block mask"
-    else:
-        choice, why = "sdpa", "CUDA without flash-attn or flex_attention"
+    def has(module: str, attr: str) -> bool:
+        return importlib.util.find_spec(module) is not None and hasattr(importlib.import_module(module), attr)
+
+    choice, why = choose_attn_implementation(
+        cuda=torch.cuda.is_available(),
+        flash_attn=importlib.util.find_spec("flash_attn") is not None,
+        torch_varlen=has("torch.nn.attention.varlen", "varlen_attn"),
+        flex=has("torch.nn.attention.flex_attention", "flex_attention"),
+        torch_version=torch.__version__,
+    )
     logger.info("NeoBERT attn_implementation 'auto' resolved to '%s': %s", choice, why)
     return choice
 
@@ -79,9 +101,11 @@ class NeoBERTConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, defaults to True): the MLM decoder IS the token embedding matrix.
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
         attn_implementation (`str`, defaults to ``"sdpa"``): ``"sdpa"``, ``"eager"`` (supports
-            ``output_attentions``), ``"flash_attention_2"`` (varlen, CUDA + flash-attn), ``"flex_attention"``
-            (block-sparse document mask; compiled on CUDA) or ``"auto"`` (flash_attention_2 on CUDA with flash-attn,
-            flex_attention on CUDA without it, sdpa on CPU; the choice and the reason are logged once).
+            ``output_attentions``), ``"flash_attention_2"`` (flash-attn varlen, CUDA + flash-attn), ``"varlen"``
+            (torch's ``varlen_attn``, CUDA + bf16/fp16; an exact masked reference elsewhere), ``"flex_attention"``
+            (block-sparse document mask; compiled on CUDA) or ``"auto"`` (on CUDA flash_attention_2 with flash-attn,
+            else varlen when torch has it, else flex_attention; sdpa on CPU; the choice and the reason are logged
+            once). The two varlen backends unpad once per forward and run the layers on the real tokens only.
         masked_logits_only (`bool`, defaults to True): when labels are given, run the MLM decoder only on the
             positions with a label (same loss, far less compute); ``logits`` is then ``(num_masked, vocab)``.
         pad_token_id (`int`, defaults to 0): id of the padding token (its embedding row starts at zero).

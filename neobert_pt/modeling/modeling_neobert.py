@@ -13,7 +13,9 @@ configuration module so that ``save_pretrained`` can ship it as remote code.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,8 +32,11 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from transformers.utils import logging
 
 from .configuration_neobert import NeoBERTConfig
+
+logger = logging.get_logger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Norms and rotary embedding
@@ -106,8 +111,15 @@ class NeoBERTAttentionLayout:
     no softmax row is empty (their outputs are irrelevant but finite). None = every pair allowed (fast path).
     ``allowed``: the exact contract mask for observers (padding queries attend nothing); built only when a
     ``qk_observer`` is installed.
-    ``indices``/``cu_seqlens``/``max_seqlen``: flash-attn varlen metadata (flat token index of every real token,
-    cumulative document lengths).
+    ``indices``/``cu_seqlens``/``max_seqlen``: varlen metadata for ``flash_attention_2`` / ``varlen`` (flat index
+    of every real token in the (B*T) grid, cumulative document lengths, longest document).
+    ``unpadded``: the layers run on the unpadded stream: the model gathers the real tokens ONCE into a
+    (1, total_tokens, H) "row" before the first layer and re-pads ONCE after the final norm (:func:`unpad` /
+    :func:`repad`), so q/k/v reach the varlen kernel already flat. False on the varlen path only while the exact
+    ``allowed`` mask is wanted (QK-clip measuring forwards): the layers then keep the (B, T) grid (the measurement
+    is per row, its logit tile stays (T, T) rather than (total_tokens, total_tokens)) and the backend gathers and
+    scatters q/k/v around the kernel with the same ``indices``.
+    ``padded_shape``: (B, T) of the grid the stream came from (for :func:`repad`).
     ``block_mask``: flex_attention's block-sparse document mask (no dense (T, T) mask is kept).
     """
 
@@ -116,6 +128,8 @@ class NeoBERTAttentionLayout:
     indices: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    unpadded: bool = False
+    padded_shape: tuple[int, int] = (0, 0)
     block_mask: object | None = None
 
 
@@ -201,6 +215,10 @@ def _document_block_mask(document_ids: torch.Tensor) -> object:
     return create_block_mask(same_document, b, None, t, t, device=document_ids.device)
 
 
+# Backends whose kernel takes the unpadded stream split by cu_seqlens.
+VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "varlen")
+
+
 def build_layout(document_ids: torch.Tensor | None, implementation: str, with_allowed: bool,
                  sizes: tuple[int, int, int] | None = None) -> NeoBERTAttentionLayout:
     """Masks / varlen metadata for one forward. Documents must be contiguous within a row (the packer's layout)."""
@@ -208,9 +226,11 @@ def build_layout(document_ids: torch.Tensor | None, implementation: str, with_al
     if document_ids is None:
         return layout
     real = document_ids >= 0  # (B, T)
-    sparse = implementation in ("flash_attention_2", "flex_attention")  # no dense mask for the kernel
-    if implementation == "flash_attention_2":
+    sparse = implementation in (*VARLEN_IMPLEMENTATIONS, "flex_attention")  # no dense mask for the kernel
+    if implementation in VARLEN_IMPLEMENTATIONS:
         _varlen_metadata(document_ids, layout, sizes)
+        layout.unpadded = not with_allowed
+        layout.padded_shape = (document_ids.shape[0], document_ids.shape[1])
     if implementation == "flex_attention":
         layout.block_mask = _document_block_mask(document_ids)
     if sparse and not with_allowed:
@@ -223,6 +243,18 @@ def build_layout(document_ids: torch.Tensor | None, implementation: str, with_al
     if with_allowed:
         layout.allowed = (allowed & real[:, :, None])[:, None]
     return layout
+
+
+def unpad(x: torch.Tensor, layout: NeoBERTAttentionLayout) -> torch.Tensor:
+    """(B, T, ...) → (1, total_tokens, ...): the real tokens in row-major order, one "row" for the layers."""
+    return x.flatten(0, 1).index_select(0, layout.indices)[None]
+
+
+def repad(x: torch.Tensor, layout: NeoBERTAttentionLayout) -> torch.Tensor:
+    """(1, total_tokens, ...) → (B, T, ...), zeros at padding: the inverse of :func:`unpad`."""
+    b, t = layout.padded_shape
+    full = x.new_zeros(b * t, *x.shape[2:]).index_copy(0, layout.indices, x[0])
+    return full.view(b, t, *x.shape[2:])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,7 +304,80 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def flash_attention_2(
+def torch_varlen_available() -> bool:
+    """Whether this torch has ``torch.nn.attention.varlen.varlen_attn`` (its kernel is CUDA-only)."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return False
+    return hasattr(importlib.import_module("torch.nn.attention.varlen"), "varlen_attn")
+
+
+def varlen_reference(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Exact varlen attention in plain torch, any device: full attention inside each [cu[i], cu[i+1]) segment of
+    the (N, nH, d) stream, as one masked sdpa over the stream (O(N²) memory: a reference, not a fast path)."""
+    n = query.shape[0]
+    # segment of every stream position, on the device (no host read of cu_seqlens)
+    seg = torch.searchsorted(cu_seqlens[1:], torch.arange(n, device=query.device, dtype=cu_seqlens.dtype),
+                             right=True)
+    mask = seg[:, None] == seg[None, :]  # (N, N)
+    q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # (nH, N, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
+
+
+def _flash_attn_kernel(q, k, v, layout: NeoBERTAttentionLayout, scale: float, dropout: float) -> torch.Tensor:
+    if not flash_attn_available():
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs CUDA and flash-attn: pip install 'neobert_pt[flash]' "
+            "(or use 'sdpa')"
+        )
+    flash_attn = importlib.import_module("flash_attn")  # by name: remote-code loading must not require it
+    if layout.cu_seqlens is None:  # (B, T, nH, d): no padding, one document per row
+        return flash_attn.flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=scale, causal=False)
+    return flash_attn.flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q=layout.cu_seqlens, cu_seqlens_k=layout.cu_seqlens, max_seqlen_q=layout.max_seqlen,
+        max_seqlen_k=layout.max_seqlen, dropout_p=dropout, softmax_scale=scale, causal=False,
+    )
+
+
+def _torch_varlen_kernel(q, k, v, layout: NeoBERTAttentionLayout, scale: float, dropout: float) -> torch.Tensor:
+    if not torch_varlen_available():
+        raise ImportError(
+            f"attn_implementation='varlen' needs torch.nn.attention.varlen.varlen_attn, which torch {torch.__version__} "
+            "does not have: upgrade torch, or use 'flex_attention' / 'sdpa'"
+        )
+    if dropout > 0.0:
+        raise ValueError("attn_implementation='varlen' has no attention dropout (torch's varlen_attn takes none)")
+    if layout.cu_seqlens is None:  # (B, T, nH, d): no padding, one document per row → sdpa's own flash kernel
+        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=scale)
+        return out.transpose(1, 2)
+    if q.device.type != "cuda":
+        logger.warning_once(
+            f"attn_implementation='varlen': torch's varlen kernel is CUDA-only; on {q.device.type} the exact masked "
+            "reference runs instead (O(tokens²) memory; use 'sdpa' there)"
+        )
+        return varlen_reference(q, k, v, layout.cu_seqlens, scale)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"attn_implementation='varlen' runs torch's flash kernel, which needs bf16/fp16 q/k/v, got {q.dtype}: "
+            "set trainer.mixed_precision: bf16 (or use 'sdpa' / 'flex_attention')"
+        )
+    varlen = importlib.import_module("torch.nn.attention.varlen").varlen_attn
+    if "scale" in inspect.signature(varlen).parameters:
+        return varlen(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen,
+                      scale=scale)
+    # older signature (torch 2.10) has no scale: it applies 1/sqrt(d), so fold the ratio into q
+    q = q * (scale * q.shape[-1] ** 0.5)
+    return varlen(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen)
+
+
+_VARLEN_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "flash_attention_2": _flash_attn_kernel,
+    "varlen": _torch_varlen_kernel,
+}
+
+
+def varlen_attention(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -283,30 +388,20 @@ def flash_attention_2(
     scale: float,
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, None]:
-    """flash-attn varlen: real tokens are gathered into one flat sequence split at document boundaries."""
-    if not flash_attn_available():
-        raise ImportError(
-            "attn_implementation='flash_attention_2' needs CUDA and flash-attn: pip install 'neobert_pt[flash]' "
-            "(or use 'sdpa')"
-        )
-    flash_attn = importlib.import_module("flash_attn")  # by name: remote-code loading must not require it
-
+    """The shared varlen plumbing. ``layout.unpadded``: q/k/v are already the (1, nH, N, d) stream and go straight
+    to the kernel as (N, nH, d); otherwise the real tokens of the (B, T) grid are gathered around the kernel and
+    scattered back (QK-measuring forwards); without packing metadata the kernel sees the dense (B, T, nH, d)."""
+    kernel = _VARLEN_KERNELS[module.config._attn_implementation]
     p = dropout if module.training else 0.0
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, T, nH, d)
-    if layout.indices is None:
-        return flash_attn.flash_attn_func(q, k, v, dropout_p=p, softmax_scale=scale, causal=False), None
     b, t, h, d = q.shape
-    flat = [x.reshape(b * t, h, d).index_select(0, layout.indices) for x in (q, k, v)]  # (nnz, nH, d)
-    out = flash_attn.flash_attn_varlen_func(
-        *flat,
-        cu_seqlens_q=layout.cu_seqlens,
-        cu_seqlens_k=layout.cu_seqlens,
-        max_seqlen_q=layout.max_seqlen,
-        max_seqlen_k=layout.max_seqlen,
-        dropout_p=p,
-        softmax_scale=scale,
-        causal=False,
-    )
+    if layout.cu_seqlens is None:
+        return kernel(q, k, v, layout, scale, p), None
+    if layout.unpadded:  # b == 1, t == N
+        out = kernel(*(x.reshape(t, h, d) for x in (q, k, v)), layout, scale, p)
+        return out.view(1, t, h, d), None
+    flat = [x.reshape(b * t, h, d).index_select(0, layout.indices) for x in (q, k, v)]  # (N, nH, d)
+    out = kernel(*flat, layout, scale, p)
     full = out.new_zeros(b * t, h, d).index_copy(0, layout.indices, out)
     return full.view(b, t, h, d), None
 
@@ -346,7 +441,8 @@ def flex_attention(
 NEOBERT_ATTENTION_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
     "eager": eager_attention,
     "sdpa": sdpa_attention,
-    "flash_attention_2": flash_attention_2,
+    "flash_attention_2": varlen_attention,
+    "varlen": varlen_attention,
     "flex_attention": flex_attention,
 }
 
@@ -472,6 +568,13 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
                 auto_map.setdefault(auto_class, f"modeling_neobert.{cls_name}")
             config.auto_map = auto_map
 
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """Accept NeoBERT's own ``'varlen'`` backend (dispatched by NEOBERT_ATTENTION_FUNCTIONS, not transformers'
+        global attention registry); everything else is validated by transformers as usual."""
+        if requested_attention == "varlen":
+            return requested_attention
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) for every matrix, ones for norm gains, zeros for biases and the pad row."""
@@ -521,7 +624,8 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutput | tuple:
         """``varlen_sizes``: optional host-computed (real tokens, documents, longest document), see
-        :func:`varlen_sizes`; with it the flash-attn path builds its metadata without a device sync."""
+        :func:`varlen_sizes`; with it the varlen backends build their metadata without a device sync. On those
+        backends padding positions of ``last_hidden_state`` / ``hidden_states`` are zeros (never computed)."""
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -538,20 +642,26 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
                 position_ids = torch.arange(t, device=hidden_states.device).expand(b, t)
             else:
                 position_ids = positions_from_documents(document_ids)
-        rotary = self.rotary_emb(position_ids)
         implementation = "eager" if output_attentions else self.config._attn_implementation
         observed = any(layer.attention.qk_observer is not None for layer in self.layers)
         layout = build_layout(document_ids, implementation, with_allowed=observed, sizes=varlen_sizes)
 
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            return repad(x, layout) if layout.unpadded else x
+
         all_hidden = (hidden_states,) if output_hidden_states else None
+        if layout.unpadded:  # varlen: unpad ONCE, the layers run on the (1, total_tokens, H) stream, re-pad ONCE below
+            hidden_states, position_ids = unpad(hidden_states, layout), unpad(position_ids, layout)
+        rotary = self.rotary_emb(position_ids)
+
         all_attn = () if output_attentions else None
         for layer in self.layers:
             hidden_states, weights = layer(hidden_states, rotary, layout, output_attentions)
             if output_hidden_states:
-                all_hidden += (hidden_states,)
+                all_hidden += (padded(hidden_states),)
             if output_attentions:
                 all_attn += (weights,)
-        hidden_states = self.final_norm(hidden_states)
+        hidden_states = padded(self.final_norm(hidden_states))
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden_states,)
 

@@ -100,16 +100,18 @@ def _close_on_failure(init: Any) -> Any:
 def with_host_metadata(batch: dict[str, Any], config: Any) -> dict[str, Any]:
     """Add what the model would otherwise read back from the device, computed on the HOST while the batch is still
     there: ``masked_positions`` (flat indices of the labelled tokens, for the masked-logits path) and, for the
-    flash-attn varlen path, ``varlen_sizes`` (real tokens, documents, longest document). A no-op for keys already
-    present or a batch that already lives on an accelerator."""
+    varlen backends (``flash_attention_2``, ``varlen``), ``varlen_sizes`` (real tokens, documents, longest document)
+    from the collator's ``document_ids``. A no-op for keys already present or a batch that already lives on an
+    accelerator."""
+    from neobert_pt.modeling.modeling_neobert import VARLEN_IMPLEMENTATIONS, varlen_sizes
+
     if batch["labels"].device.type != "cpu":
         return batch
     batch = dict(batch)
     if config.masked_logits_only and "masked_positions" not in batch:
         batch["masked_positions"] = batch["labels"].flatten().ne(-100).nonzero().squeeze(-1)
-    if config._attn_implementation == "flash_attention_2" and "document_ids" in batch and "varlen_sizes" not in batch:
-        from neobert_pt.modeling.modeling_neobert import varlen_sizes
-
+    varlen = config._attn_implementation in VARLEN_IMPLEMENTATIONS
+    if varlen and "document_ids" in batch and "varlen_sizes" not in batch:
         batch["varlen_sizes"] = varlen_sizes(batch["document_ids"])
     return batch
 

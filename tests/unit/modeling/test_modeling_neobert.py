@@ -36,7 +36,12 @@ def packed_batch(vocab: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor
     return docs + [full], batch
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
+# Every backend that runs on CPU ('varlen' through its exact reference kernel: the unpad-once stream plumbing is the
+# same as on CUDA, only the kernel differs; the CUDA kernels are checked in test_attention_backends.py).
+CPU_BACKENDS = ["sdpa", "eager", "flex_attention", "varlen"]
+
+
+@pytest.mark.parametrize("impl", CPU_BACKENDS)
 @pytest.mark.parametrize("variant", [{}, {"hidden_act": "gelu", "rms_norm": False}])
 def test_packed_row_equals_each_document_alone(make_config, impl, variant):
     model = NeoBERTModel(make_config(attn_implementation=impl, **variant)).eval()
@@ -52,7 +57,7 @@ def test_packed_row_equals_each_document_alone(make_config, impl, variant):
     assert torch.isfinite(packed).all()  # padded positions included
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])  # flex_attention has no CPU backward in torch
+@pytest.mark.parametrize("impl", CPU_BACKENDS)
 def test_packed_row_gradients_equal_the_documents_run_alone(make_config, impl):
     """Backward too: the parameter gradients of a packed batch are the sum of each document's own gradients."""
     model = NeoBERTModel(make_config(attn_implementation=impl))
@@ -65,7 +70,13 @@ def test_packed_row_gradients_equal_the_documents_run_alone(make_config, impl):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     real = batch["document_ids"] >= 0
-    packed = grads((model(**batch).last_hidden_state[real] @ probe).sum())
+    try:
+        packed = grads((model(**batch).last_hidden_state[real] @ probe).sum())
+    except NotImplementedError as exc:  # torch's flex_attention: no CPU backward, eager or compiled (torch 2.13)
+        if impl == "flex_attention" and "does not support backward on CPU" in str(exc):
+            pytest.skip("flex_attention has no CPU backward in this torch; its backward runs in the CUDA test "
+                        "test_attention_backends.py::test_cuda_packed_row_fwd_bwd")
+        raise
     alone: dict[str, torch.Tensor] = {}
     for d in docs:
         for n, g in grads((model(d[None]).last_hidden_state[0] @ probe).sum()).items():
