@@ -3,14 +3,16 @@
 Three sections, all at the 100M recipe (hidden 768, 12 layers, 12 heads, FFN 3072, vocab 30522, seq 1024, bf16):
 
 1. ``model``: NeoBERT forward+backward on packed rows (``--docs-per-row`` documents per row, 20% of tokens masked)
-   for every attention backend available here, eager and ``torch.compile``d: step ms, tokens/s, model TFLOP/s
+   for every attention backend available here (sdpa, eager, flash_attention_2, varlen = torch's varlen_attn,
+   flex_attention), eager and ``torch.compile``d: step ms, tokens/s, model TFLOP/s
    (``neobert_pt/train/flops.py``), MFU against the device's bf16 dense peak (or ``--peak-tflops``), peak memory.
 2. ``trainer``: training tokens/s through the real trainer (``scripts/pretraining/pretrain.py`` on the embedded
    corpus, no network) for adamw, dion2, dion2 + QK-clip, muonclip, adana, dana-star-mk4, with ratios to AdamW.
    Needs the data pipeline's packages (``datasets``); without them the section says so and is skipped.
 3. ``optimizer``: milliseconds per ``optimizer.step()`` for the same optimizers (``benchmarks/optimizer_step.py``).
 
-Missing optional packages are notes, never failures: no flash-attn → that backend is skipped; no W&B → runs use
+Missing optional packages are notes, never failures: no flash-attn → that backend is skipped; a torch without
+``torch.nn.attention.varlen`` (e.g. 2.11) → the varlen rows are skipped with that reason; no W&B → runs use
 ``wandb.mode disabled`` anyway; no triton / compiler → the compiled rows say why.
 
     python benchmarks/gpu_suite.py                          # everything, on the GPU
@@ -44,7 +46,14 @@ from benchmarks.common import (  # noqa: E402
     reset_peak_memory,
 )
 from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM  # noqa: E402
-from neobert_pt.modeling.modeling_neobert import flash_attn_available, flex_attention_available, varlen_sizes  # noqa: E402
+from neobert_pt.modeling.configuration_neobert import resolve_attn_implementation  # noqa: E402
+from neobert_pt.modeling.modeling_neobert import (  # noqa: E402
+    VARLEN_IMPLEMENTATIONS,
+    flash_attn_available,
+    flex_attention_available,
+    torch_varlen_available,
+    varlen_sizes,
+)
 from neobert_pt.train.flops import mfu, peak_tflops_for, throughput_flops  # noqa: E402
 
 SECTIONS = ("model", "trainer", "optimizer")
@@ -59,7 +68,11 @@ def attention_backends(device: torch.device) -> list[tuple[str, str | None]]:
     """(backend, why it is skipped or None) for every backend the model knows."""
     flash = None if device.type == "cuda" and flash_attn_available() else "flash-attn not installed (or no CUDA)"
     flex = None if device.type == "cuda" and flex_attention_available() else "flex_attention: CUDA only for training"
-    return [("sdpa", None), ("eager", None), ("flash_attention_2", flash), ("flex_attention", flex)]
+    if not torch_varlen_available():
+        varlen = f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
+    else:
+        varlen = None if device.type == "cuda" else "torch's varlen_attn kernel is CUDA-only"
+    return [("sdpa", None), ("eager", None), ("flash_attention_2", flash), ("varlen", varlen), ("flex_attention", flex)]
 
 
 def model_config(args, attn: str) -> NeoBERTConfig:
@@ -90,7 +103,7 @@ def model_row(args, device: torch.device, attn: str, compiled: bool, peak: float
     run = torch.compile(model) if compiled else model
     batch = packed_batch(args, device)
     num_items = int(batch["masked_positions"].numel())
-    if attn == "flash_attention_2":
+    if attn in VARLEN_IMPLEMENTATIONS:
         batch["varlen_sizes"] = varlen_sizes(batch["document_ids"].cpu())  # host metadata, as the trainer passes
     use_bf16 = device.type == "cuda" and not args.fp32
 
@@ -201,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     payload: dict = {"benchmark": "gpu_suite", "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
                      "device": name, "torch": torch.__version__, "peak_tflops": peak,
+                     "auto_attention": resolve_attn_implementation("auto"),  # what the trainer section runs
                      "bf16": device.type == "cuda" and not args.fp32,
                      "shape": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                                "intermediate": args.intermediate, "vocab_size": args.vocab_size,
@@ -221,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload["wall_time_sec"] = round(time.perf_counter() - start, 1)
 
     text = json.dumps(payload, indent=2)
-    md = [f"### gpu_suite — {name} (torch {torch.__version__}, {payload['wall_time_sec']} s)", ""]
+    md = [f"### gpu_suite — {name} (torch {torch.__version__}, attention 'auto' = {payload['auto_attention']}, "
+          f"{payload['wall_time_sec']} s)", ""]
     for section, columns in (("model", MODEL_COLUMNS), ("trainer", TRAINER_COLUMNS), ("optimizer", STEP_COLUMNS)):
         if payload.get(section):
             md += [f"#### {section}", "", markdown_table(payload[section], columns), ""]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,6 +91,11 @@ def test_gpu_suite_smoke_model_and_optimizer_sections(tmp_path):
     assert all(_finite_positive(r["tflops"]) and _finite_positive(r["mfu"]) for r in measured)
     skipped = [r for r in payload["model"] if "tokens_per_sec" not in r]
     assert all(r["note"].startswith("skipped") for r in skipped)  # compile off in smoke; flash-attn absent on CPU
+    backends = {r["attention"] for r in payload["model"]}
+    assert backends == {"sdpa", "eager", "flash_attention_2", "varlen", "flex_attention"}
+    if not torch.cuda.is_available():  # torch's varlen kernel is CUDA-only: skipped with the reason, not failed
+        assert all("varlen" in r["note"] for r in skipped if r["attention"] == "varlen")
+    assert payload["auto_attention"] in backends
     steps = {r["optimizer"]: r for r in payload["optimizer"]}
     assert set(steps) == {"adamw", "dion2", "dion2_qk", "muonclip", "adana", "dana-star-mk4"}
     assert steps["adamw"]["ratio_vs_adamw"] == 1.0
