@@ -29,21 +29,10 @@ from torch import Tensor
 
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.optim import dana_fused
+from neobert_pt.optim.orthonormal import local
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register, torch_param_groups
 
-try:  # DTensor is only present on builds with distributed support.
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - every supported torch build has it
-    DTensor = None  # type: ignore[assignment,misc]
-
 __all__ = ["ADana", "AdamWDecayingWD", "DanaStar"]
-
-
-def _local(x: Tensor) -> Tensor:
-    """The shard this rank owns (a view sharing storage), or ``x`` itself for a plain tensor."""
-    if DTensor is not None and isinstance(x, DTensor):
-        return x.to_local()
-    return x
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -216,12 +205,12 @@ class _LogTimeOptimizer(torch.optim.Optimizer):
     def _step_bucket(self, group: dict[str, Any], entries: list[tuple[Tensor, Tensor, dict[str, Tensor]]],
                      t: int, lr: float, schedule: float) -> None:
         f = wd_factor(group["weight_decay"], schedule, t, group["wd_decaying"], group["wd_ts"])
-        locals_p = [_local(p) for p, _, _ in entries]
+        locals_p = [local(p) for p, _, _ in entries]
         # fp32 (or fp64) maths: low-precision params get a working copy and one cast back at the end.
         dtype = state_dtype(locals_p[0].dtype)
         work = [x.to(dtype) for x in locals_p]
-        grads = [_local(g).to(dtype) for _, g, _ in entries]
-        state = {name: [_local(s[name]) for _, _, s in entries] for name in self._state_names}
+        grads = [local(g).to(dtype) for _, g, _ in entries]
+        state = {name: [local(s[name]) for _, _, s in entries] for name in self._state_names}
         self._update(group, work, grads, state, t, lr, f)
         for dst, src in zip(locals_p, work, strict=True):
             if dst is not src:

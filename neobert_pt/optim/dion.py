@@ -6,7 +6,10 @@ Per matrix ``W`` (m×n) and step, with momentum ``M`` and right factor ``Q`` (``
 
 where ``A = B`` (tall or square) or ``Bᵀ`` (wide; FSDP2 ``Shard(0)`` always uses this "transposed" orientation so
 P's rows are never split). ``orth`` is randomized Cholesky QR (RCQR), Householder QR when P is square or wide.
-Scalar params (embeddings, norms, biases, heads) are stepped by AdamW or Lion in the same optimizer (``algorithm``).
+Scalar params (embeddings, norms, biases, heads) are stepped by AdamW or Lion in the same optimizer (``algorithm``);
+AdamW through the shared :func:`neobert_pt.optim.scalar_opts.adamw_step` (torch's public fused functional) with the
+group step as t. Mesh resolution, local shards, row ranges and the LR adjustment are the shared ones of
+:mod:`neobert_pt.optim.orthonormal`.
 
 Distribution (spec §2), all with ordinary collectives through :class:`~neobert_pt.optim.comm.CommCounter`:
 
@@ -46,7 +49,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.optim.comm import CommCounter
+from neobert_pt.optim.orthonormal import adjusted_lr_factor, local, local_rows, resolve_mesh
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
+from neobert_pt.optim.scalar_opts import adamw_step, f32
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +79,6 @@ def dion_rank(rank_fraction: float, rank_multiple_of: int, m: int, n: int) -> in
 def compressed_sync_saves(m: int, n: int, r: int) -> bool:
     """Whether syncing the factors ``(m+n)·r`` moves fewer elements than the gradient ``m·n`` (spec §2.7)."""
     return (m + n) * r < m * n
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _seed(*parts: int) -> int:
@@ -136,7 +137,7 @@ class Dion(torch.optim.Optimizer):
             raise ValueError(f"Dion: power_iters must be an integer >= 1, got {power_iters}")
         if len(betas) != 2:
             raise ValueError(f"Dion: betas must have two values, got {betas}")
-        self._replicate_group = self._resolve_replicate(replicate_mesh)
+        self._replicate_group = resolve_mesh(replicate_mesh, "Dion", "replicate_mesh").group
         if outer_shard_mesh is not None:
             if not isinstance(outer_shard_mesh, DeviceMesh):
                 raise TypeError(f"Dion: outer_shard_mesh must be a DeviceMesh, got {type(outer_shard_mesh).__name__}")
@@ -165,19 +166,6 @@ class Dion(torch.optim.Optimizer):
                 self._init_state(p, group)
 
     # ------------------------------------------------------------------------------------------- meshes/layout
-    @staticmethod
-    def _resolve_replicate(mesh: Any) -> Any:
-        if mesh is None:
-            return None
-        if isinstance(mesh, DeviceMesh):
-            if mesh.ndim != 1:
-                raise ValueError(f"Dion: replicate_mesh must be a 1-D DeviceMesh, got {mesh.ndim}-D")
-            return mesh.get_group()
-        if isinstance(mesh, dist.ProcessGroup):
-            return mesh
-        raise TypeError(f"Dion: replicate_mesh must be None, a ProcessGroup or a 1-D DeviceMesh, got "
-                        f"{type(mesh).__name__}")
-
     @property
     def replicate_world(self) -> int:
         return 1 if self._replicate_group is None else dist.get_world_size(self._replicate_group)
@@ -205,7 +193,7 @@ class Dion(torch.optim.Optimizer):
     def is_compressed(self, p: Tensor) -> bool:
         """Whether this step syncs P and R instead of the gradient (re-derived every step, spec §5 item 9)."""
         m, n = p.shape
-        r = _local(self.state[p]["Q"]).shape[1]
+        r = local(self.state[p]["Q"]).shape[1]
         return self.syncs_replicas and compressed_sync_saves(m, n, r)
 
     # ------------------------------------------------------------------------------------------------ groups
@@ -254,12 +242,9 @@ class Dion(torch.optim.Optimizer):
         full = torch.randn(rows, r, generator=gen).to(self._dtype("Q_dtype", p))
         if not isinstance(p, DTensor):
             return full.to(p.device)
-        local = _local(p)
         if layout.shard_group is not None:
-            chunk = math.ceil(m / layout.shard_world)
-            start = min(layout.shard_rank * chunk, m)
-            full = full[start : start + local.shape[0]]
-        return DTensor.from_local(full.to(local.device).contiguous(), p.device_mesh, p.placements,
+            full = local_rows(full, layout.shard_world, layout.shard_rank)
+        return DTensor.from_local(full.to(local(p).device).contiguous(), p.device_mesh, p.placements,
                                   run_check=False, shape=torch.Size((rows, r)), stride=(r, 1))
 
     def _init_state(self, p: Tensor, group: dict[str, Any], index: int | None = None) -> None:
@@ -325,7 +310,7 @@ class Dion(torch.optim.Optimizer):
     def _average_uncompressed_grads(self) -> None:
         """Average over the replicate axis every gradient Dion does not compress (scalars, full-rank matrices)."""
         grads = [
-            _local(p.grad)
+            local(p.grad)
             for group in self.param_groups for p in group["params"]
             if p.grad is not None and not (group["algorithm"] == "dion" and self.is_compressed(p))
         ]
@@ -337,8 +322,8 @@ class Dion(torch.optim.Optimizer):
         layout = self._layout(p)
         compressed = self.is_compressed(p)
         m, n = p.shape
-        w, g = _local(p), _local(p.grad)
-        mom, q = _local(state["momentum"]), _local(state["Q"])
+        w, g = local(p), local(p.grad)
+        mom, q = local(state["momentum"]), local(state["Q"])
         mom.add_(g.to(mom.dtype))
         a = mom.T if layout.transposed else mom
         q_work = q.to(mom.dtype)
@@ -366,7 +351,7 @@ class Dion(torch.optim.Optimizer):
             self.comm.all_reduce(sumsq, layout.shard_group, "shard")
         q_new = (r32 / (sumsq.sqrt() + group["epsilon"])).to(r_mat.dtype)
         lr = torch.tensor(group["lr"], dtype=torch.float32)
-        scaled_lr = math.sqrt(m / n) * lr
+        scaled_lr = lr * adjusted_lr_factor("spectral_norm", (m, n))
         direction = q_new @ p_mat.T if layout.transposed else p_mat @ q_new.T
         update = direction * -scaled_lr
         w.mul_(1 - lr * group["weight_decay"])
@@ -416,15 +401,16 @@ class Dion(torch.optim.Optimizer):
             return
         lr, wd, beta1, beta2 = group["lr"], group["weight_decay"], group["beta1"], group["beta2"]
         for p in params:
-            w, m = _local(p), _local(self.state[p]["momentum"])
-            g = _local(p.grad).to(m.dtype)
+            w, m = local(p), local(self.state[p]["momentum"])
+            g = local(p.grad).to(m.dtype)
             update = m.lerp(g, 1 - beta1).sign_()
             m.lerp_(g, 1 - beta2)
             w.mul_(1 - lr * wd)
             w.add_(update.to(w.dtype), alpha=-lr)
 
     def _step_adamw(self, group: dict[str, Any]) -> None:
-        """Decoupled AdamW with the GROUP step as t (spec §1.9): the fused kernel when all dtypes agree."""
+        """Decoupled AdamW with the GROUP step as t (spec §1.9): torch's fused kernel (public functional, Python-float
+        lr as upstream) when all four dtypes agree; the per-element formula otherwise (mixed-precision states)."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -434,18 +420,19 @@ class Dion(torch.optim.Optimizer):
             s = self.state[p]
             same = s["momentum"].dtype == s["variance"].dtype == p.dtype == p.grad.dtype
             (fused if same else manual).append(p)
-        if fused:
-            lists = [[_local(p) for p in fused], [_local(p.grad) for p in fused],
-                     [_local(self.state[p]["momentum"]) for p in fused],
-                     [_local(self.state[p]["variance"]) for p in fused]]
-            for (w, g, m, v), _ in torch.optim.Optimizer._group_tensors_by_device_and_dtype(lists).values():
-                steps = [torch.full((), float(t), dtype=torch.float32, device=w[0].device)] * len(w)
-                torch._fused_adamw_(w, g, m, v, [], steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd,
-                                    eps=eps, amsgrad=False, maximize=False)
+        # Counters at t−1: torch's functional increments them, so the kernel sees the group step t.
+        adamw_step(
+            [local(p) for p in fused],
+            [local(p.grad) for p in fused],
+            [local(self.state[p]["momentum"]) for p in fused],
+            [local(self.state[p]["variance"]) for p in fused],
+            [f32(t - 1, local(p).device) for p in fused],
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, tensor_lr=False,
+        )
         bc1, bc2 = 1 - beta1**t, 1 - beta2**t
         for p in manual:
-            w, g = _local(p), _local(p.grad).float()
-            m, v = _local(self.state[p]["momentum"]), _local(self.state[p]["variance"])
+            w, g = local(p), local(p.grad).float()
+            m, v = local(self.state[p]["momentum"]), local(self.state[p]["variance"])
             m.copy_(m.float().lerp(g, 1 - beta1))
             v.copy_(v.float().mul(beta2).addcmul(g, g, value=1 - beta2))
             w.mul_(1 - lr * wd)
@@ -463,7 +450,7 @@ class Dion(torch.optim.Optimizer):
         if not self.syncs_replicas:
             return
         momenta = [
-            _local(self.state[p]["momentum"])
+            local(self.state[p]["momentum"])
             for group in self.param_groups if group["algorithm"] == "dion"
             for p in group["params"] if self.is_compressed(p)
         ]

@@ -6,7 +6,9 @@ slices of ``W``; only those slices of ``M`` are multiplied by ``ef_decay``. Weig
 parameters (embeddings, norms, biases) are stepped by AdamW or Lion inside the same optimizer (``algorithm`` key).
 
 Op order and dtypes follow upstream ``microsoft/dion`` eager code, so single-process results reproduce its CPU
-fixture bit-for-bit. Distribution (DDP work split, FSDP2 all-to-all) lives in :mod:`neobert_pt.optim.dion2_distributed`.
+fixture bit-for-bit. The pieces shared with Muon and Dion (mesh resolution, local shards, the DDP work split, the LR
+adjustment) are in :mod:`neobert_pt.optim.orthonormal`, the AdamW/Lion steps in :mod:`neobert_pt.optim.scalar_opts`;
+the FSDP2 all-to-all of row-sharded matrices is in :mod:`neobert_pt.optim.dion2_distributed`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.optim import dion2_distributed as _dist
 from neobert_pt.optim.orthogonalize import note_eager_fallback, orthogonalize
+from neobert_pt.optim.orthonormal import adjusted_lr_factor, local, resolve_mesh, split_orthogonalize
 from neobert_pt.optim.qk_clip import build_qk_clip
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
 from neobert_pt.optim.scalar_opts import adamw_step, lion_step
@@ -37,25 +40,9 @@ SELECTION_SCOPES = ("local", "global")
 OrthFn = Callable[[Tensor], Tensor]
 
 
-def adjusted_lr(lr: Tensor, fan_out: int, fan_in: int, mode: str | None) -> Tensor:
-    """Shape-dependent step size from the FULL matrix shape (§1.6). ``spectral_norm`` has no ``max(1, ·)`` clamp."""
-    if mode == "spectral_norm":
-        return lr * math.sqrt(fan_out / fan_in)
-    if mode == "rms_norm":
-        return lr * (0.2 * math.sqrt(max(fan_out, fan_in)))
-    if mode is None:
-        return lr
-    raise ValueError(f"unknown adjust_lr {mode!r}; valid: spectral_norm, rms_norm, None")
-
-
 def num_selected(fraction: float, n: int) -> int:
     """``k = max(1, ceil(fraction · n))``."""
     return max(1, math.ceil(fraction * n))
-
-
-def _local(t: Tensor) -> Tensor:
-    """The tensor this rank holds: the local shard of a DTensor, the tensor itself otherwise."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Dion2(torch.optim.Optimizer):
@@ -111,7 +98,8 @@ class Dion2(torch.optim.Optimizer):
             algorithm="dion2", step=0, selection_scope=selection_scope, split_rows=1,
             fast_cpu_orthogonalization=fast_cpu_orthogonalization,
         )
-        self._mesh_kind, self._group, self._mesh = _dist.resolve_mesh(distributed_mesh)
+        distribution = resolve_mesh(distributed_mesh, "Dion2")
+        self._mesh_kind, self._group, self._mesh = distribution.kind, distribution.group, distribution.mesh
         self._orth: OrthFn | None = newton_schulz_func
         self._orth_method = "polar_express" if use_polar_express else "newton_schulz"
         self._verbose = verbose
@@ -165,7 +153,7 @@ class Dion2(torch.optim.Optimizer):
         state["momentum"] = torch.zeros_like(p)
         if algorithm == "adamw":
             state["variance"] = torch.zeros_like(p)
-            state["step_dev"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+            state["step_dev"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Torch casts floating state to the param dtype; keep AdamW's step counter fp32 and recreate it if missing."""
@@ -175,7 +163,7 @@ class Dion2(torch.optim.Optimizer):
                 continue
             for p in group["params"]:
                 state = self.state[p]
-                device = _local(p).device
+                device = local(p).device
                 step = state.get("step_dev")
                 if step is None:
                     state["step_dev"] = torch.tensor(float(group["step"]), dtype=torch.float32, device=device)
@@ -216,7 +204,7 @@ class Dion2(torch.optim.Optimizer):
         for (shape, _, layout), params in buckets.items():
             if layout == "row_sharded":
                 rows, cols = shape[-2], shape[-1]
-                neg_lr = -adjusted_lr(lr, rows, cols, group["adjust_lr"])
+                neg_lr = -(lr * adjusted_lr_factor(group["adjust_lr"], (rows, cols)))
                 args = (params, self.state, group, decay, neg_lr, orth, self._group)
                 if group["selection_scope"] == "global":
                     _dist.fsdp_step_global(*args)
@@ -235,13 +223,13 @@ class Dion2(torch.optim.Optimizer):
         select_rows = rows <= cols
         dim = 1 if select_rows else 2
         k = num_selected(group["fraction"], rows if select_rows else cols)
-        neg_lr = -adjusted_lr(lr, rows, cols, group["adjust_lr"])
+        neg_lr = -(lr * adjusted_lr_factor(group["adjust_lr"], (rows, cols)))
         if self._verbose and (tuple(shape), rows, cols) not in self._reported_shapes:
             self._reported_shapes.add((tuple(shape), rows, cols))
             logger.info("Dion2: param %s -> %dx%d matrices, selecting %d %s", tuple(shape), rows, cols, k,
                         "rows" if select_rows else "columns")
-        ms = [_local(self.state[p]["momentum"]) for p in params]
-        torch._foreach_add_(ms, [_local(p.grad).to(m.dtype) for p, m in zip(params, ms, strict=True)])
+        ms = [local(self.state[p]["momentum"]) for p in params]
+        torch._foreach_add_(ms, [local(p.grad).to(m.dtype) for p, m in zip(params, ms, strict=True)])
         # One stacked copy of the bucket's momenta: norms, top-k and gather run once for the whole bucket.
         m3s = [m.view(-1, rows, cols) for m in ms]
         stack = torch.cat(m3s) if len(m3s) > 1 else m3s[0]
@@ -254,13 +242,11 @@ class Dion2(torch.optim.Optimizer):
         picks = idx.split(counts)
         for m3, i, d in zip(m3s, picks, decayed.split(counts), strict=True):
             m3.scatter_(dim, i, d)
-        if stacked.shape[0] == 1:
+        if stacked.shape[0] == 1:  # a lone matrix takes the 2-D path, as upstream
             ortho = orth(stacked[0]).unsqueeze(0)
-        elif self._mesh_kind == "ddp":
-            ortho = _dist.ddp_orthogonalize(stacked, orth, self._group)
-        else:
-            ortho = orth(stacked)
-        ws = [_local(p) for p in params]
+        else:  # DDP: the work split over ranks; FSDP2 (whole local matrices) and one process: locally
+            ortho = split_orthogonalize(stacked, orth, self._group if self._mesh_kind == "ddp" else None)
+        ws = [local(p) for p in params]
         torch._foreach_mul_(ws, decay)
         update = neg_lr * ortho.to(ws[0].dtype)  # this operand order, as upstream (see the class docstring)
         for w, i, u in zip(ws, picks, update.split(counts), strict=True):
@@ -270,9 +256,9 @@ class Dion2(torch.optim.Optimizer):
         """Lion (shared implementation: scalars in fp32, upstream's op order)."""
         params = [p for p in group["params"] if p.grad is not None]
         lion_step(
-            [_local(p) for p in params],
-            [_local(p.grad) for p in params],
-            [_local(self.state[p]["momentum"]) for p in params],
+            [local(p) for p in params],
+            [local(p.grad) for p in params],
+            [local(self.state[p]["momentum"]) for p in params],
             lr=group["lr"], beta1=group["beta1"], beta2=group["beta2"], weight_decay=group["weight_decay"],
             cautious_wd=group.get("cautious_wd", False),
         )
@@ -283,10 +269,10 @@ class Dion2(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         states = [self.state[p] for p in params]
         adamw_step(
-            [_local(p) for p in params],
-            [_local(p.grad) for p in params],
-            [_local(s["momentum"]) for s in states],
-            [_local(s["variance"]) for s in states],
+            [local(p) for p in params],
+            [local(p.grad) for p in params],
+            [local(s["momentum"]) for s in states],
+            [local(s["variance"]) for s in states],
             [s["step_dev"] for s in states],
             lr=group["lr"], beta1=group["beta1"], beta2=group["beta2"], weight_decay=group["weight_decay"],
             eps=group["epsilon"], cautious_wd=group.get("cautious_wd", False),
@@ -372,4 +358,4 @@ def build_dion2(ctx: OptimizerContext) -> BuiltOptimizer:
     return BuiltOptimizer(optimizer=optimizer, qk_clip=qk_clip, log_lines=log_lines)
 
 
-__all__ = ["Dion2", "adjusted_lr", "build_dion2", "num_selected"]
+__all__ = ["Dion2", "build_dion2", "num_selected"]

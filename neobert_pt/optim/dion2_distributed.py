@@ -1,13 +1,15 @@
-"""Distributed execution of Dion2 (spec ``dion2_muonclip.md`` §1.10): DDP work split and FSDP2 all-to-all.
+"""Distributed execution of Dion2 (spec ``dion2_muonclip.md`` §1.10): row-sharded FSDP2 matrices by all-to-all.
 
 Gradients arrive already synchronised (DDP all-reduce / FSDP2 reduce-scatter); the collectives here only move the
 orthogonalisation work, so every replica keeps identical state.
 
-* DDP (``ProcessGroup``): each rank orthogonalises ``1/W`` of a same-shape bucket; ``all_gather`` returns the rest.
+* DDP (``ProcessGroup``): each rank orthogonalises ``1/W`` of a same-shape bucket; ``all_gather`` returns the rest
+  (:func:`neobert_pt.optim.orthonormal.split_orthogonalize`, the work split Muon uses too; called from ``dion2.py``).
 * FSDP2 (1-D ``DeviceMesh``, ``Shard(0)`` DTensors): selection is always along rows, the sharded dim.
 
   - ``local`` scope: each rank picks its own top ``ceil(α·ceil(R/W))`` rows; the owner of a matrix gathers every
-    rank's rows (all-to-all) and orthogonalises them jointly, then sends each rank its rows back.
+    rank's rows (all-to-all; rank ``r`` owns matrices ``[r·c, (r+1)·c)``, ``c = ceil(N/W)``, the same split) and
+    orthogonalises them jointly, then sends each rank its rows back.
   - ``global`` scope: ranks send their bf16 shard rows plus fp32 row L1 norms; the owner selects the global
     top ``ceil(α·R)`` rows from the fp32 norms, exactly as one process would. Unlike upstream (which selects on
     bf16 norms and forms ``-η̃·O`` in bf16) this makes the global scope bit-identical to the single-process step
@@ -27,20 +29,9 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from neobert_pt.optim.orthonormal import chunk_size, local
+
 OrthFn = Callable[[Tensor], Tensor]
-
-
-def resolve_mesh(mesh: Any) -> tuple[str, Any, DeviceMesh | None]:
-    """``(kind, process_group, device_mesh)`` with kind ``single`` | ``ddp`` | ``fsdp``."""
-    if mesh is None:
-        return "single", None, None
-    if isinstance(mesh, DeviceMesh):
-        if mesh.ndim != 1:
-            raise ValueError(f"Dion2 needs a 1-D DeviceMesh (pass the shard sub-mesh for HSDP); got {mesh.ndim}-D")
-        return "fsdp", mesh.get_group(), mesh
-    if isinstance(mesh, dist.ProcessGroup):
-        return "ddp", mesh, None
-    raise TypeError(f"distributed_mesh must be None, a ProcessGroup or a 1-D DeviceMesh, got {type(mesh).__name__}")
 
 
 def classify(p: Tensor, kind: str, mesh: DeviceMesh | None) -> str:
@@ -64,31 +55,9 @@ def classify(p: Tensor, kind: str, mesh: DeviceMesh | None) -> str:
     raise NotImplementedError(f"Dion2 supports FSDP2 Shard(0) of 2-D matrices; got placements {p.placements}")
 
 
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _padded_count(n: int, world: int) -> int:
-    return math.ceil(n / world) * world
-
-
 def _orth_batch(x: Tensor, orth: OrthFn) -> Tensor:
     """One matrix goes through the 2-D path (what a single process does for a lone matrix), several batched."""
     return orth(x[0]).unsqueeze(0) if x.shape[0] == 1 else orth(x)
-
-
-def ddp_orthogonalize(stacked: Tensor, orth: OrthFn, group: Any) -> Tensor:
-    """Orthogonalise a ``(N, r, c)`` bf16 stack with the work split over ranks; every rank gets all ``N`` results."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    n = stacked.shape[0]
-    n_pad = _padded_count(n, world)
-    if n_pad > n:
-        stacked = torch.cat([stacked, stacked.new_zeros(n_pad - n, *stacked.shape[1:])])
-    per = n_pad // world
-    mine = orth(stacked[rank * per : (rank + 1) * per]).contiguous()
-    gathered = mine.new_empty(n_pad, *mine.shape[1:])
-    dist.all_gather_into_tensor(gathered, mine, group=group)
-    return gathered[:n]
 
 
 def _exchange(send: Tensor, world: int, group: Any) -> Tensor:
@@ -114,14 +83,14 @@ def fsdp_step_local(
     """``selection_scope="local"``: per-shard top-k, selected rows of all ranks orthogonalised jointly."""
     world = dist.get_world_size(pg)
     rows, cols = params[0].shape
-    k = max(1, math.ceil(group["fraction"] * math.ceil(rows / world)))
-    n_pad = _padded_count(len(params), world)
-    device = _local(params[0]).device
+    k = max(1, math.ceil(group["fraction"] * chunk_size(rows, world)))
+    n_pad = chunk_size(len(params), world) * world  # matrix i is orthogonalised by rank i // (n_pad / W)
+    device = local(params[0]).device
     send = torch.zeros(n_pad, k, cols, dtype=torch.bfloat16, device=device)
     picks: list[Tensor | None] = []
     for i, p in enumerate(params):
-        m = _local(state[p]["momentum"])
-        m.add_(_local(p.grad).to(m.dtype))
+        m = local(state[p]["momentum"])
+        m.add_(local(p.grad).to(m.dtype))
         k_local = min(k, m.shape[0])
         if k_local == 0:
             picks.append(None)
@@ -136,7 +105,7 @@ def fsdp_step_local(
     ortho = _orth_batch(joint.reshape(per, world * k, cols), orth)
     result = _return(ortho.view(per, world, k, cols), world, pg)
     for p, idx, res in zip(params, picks, result[: len(params)], strict=True):
-        w = _local(p)
+        w = local(p)
         w.mul_(decay)
         if idx is not None:
             w.index_add_(0, idx, neg_lr * res[: idx.shape[0]].to(w.dtype))  # upstream operand order (dion2.py)
@@ -148,15 +117,15 @@ def fsdp_step_global(
     """``selection_scope="global"``: the owner selects the global top-k rows of the full matrix."""
     world = dist.get_world_size(pg)
     rows, cols = params[0].shape
-    chunk = math.ceil(rows / world)  # torch.chunk sharding: rank r holds rows [r·chunk, min((r+1)·chunk, R))
+    chunk = chunk_size(rows, world)  # Shard(0): rank r holds rows [r·chunk, min((r+1)·chunk, R))
     k = max(1, math.ceil(group["fraction"] * rows))
-    n_pad = _padded_count(len(params), world)
-    device = _local(params[0]).device
+    n_pad = chunk_size(len(params), world) * world
+    device = local(params[0]).device
     send = torch.zeros(n_pad, chunk, cols, dtype=torch.bfloat16, device=device)
     norms = torch.full((n_pad, chunk), -1.0, dtype=torch.float32, device=device)  # padding rows never win
     for i, p in enumerate(params):
-        m = _local(state[p]["momentum"])
-        m.add_(_local(p.grad).to(m.dtype))
+        m = local(state[p]["momentum"])
+        m.add_(local(p.grad).to(m.dtype))
         send[i, : m.shape[0]] = m.bfloat16()
         norms[i, : m.shape[0]] = m.abs().sum(dim=1).float()
     full = _exchange(send, world, pg).reshape(-1, world * chunk, cols)
@@ -171,7 +140,7 @@ def fsdp_step_global(
     one = torch.ones((), dtype=torch.float32, device=device)
     mu = torch.full((), group["ef_decay"], dtype=torch.float32, device=device)
     for p, res in zip(params, result[: len(params)], strict=True):
-        w, m = _local(p), _local(state[p]["momentum"])
+        w, m = local(p), local(state[p]["momentum"])
         res = res[: w.shape[0]]
         m.mul_(torch.where(res[:, cols:] > 0, mu, one).to(m.dtype))
         w.mul_(decay)

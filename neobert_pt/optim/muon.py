@@ -13,7 +13,9 @@ and the AdamW groups count steps per parameter (``tests/unit/optim/test_upstream
 Distributed: with a ``ProcessGroup`` (DDP, replicated params, grads already averaged) every rank holds every matrix;
 the orthogonalisation of each same-shape batch is split across ranks and all-gathered, so all ranks apply the same
 bits. With a 1-D ``DeviceMesh`` (FSDP2, ``Shard(0)`` DTensor params) each rank all-gathers the bf16 update input,
-the same split orthogonalisation runs, and every rank applies the rows of its own shard.
+the same split orthogonalisation runs, and every rank applies the rows of its own shard. The mesh resolution, the
+work split, the row ranges and the LR adjustment are the shared ones in ``orthonormal.py``; the AdamW groups step
+through ``scalar_opts.py`` (torch's public fused AdamW functional), as Dion2's and Dion's do.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from neobert_pt.optim.orthogonalize import METHODS, note_eager_fallback, orthogonalize
+from neobert_pt.optim.orthonormal import (
+    adjusted_lr_factor,
+    local,
+    local_rows,
+    resolve_mesh,
+    split_orthogonalize,
+)
 from neobert_pt.optim.qk_clip import build_qk_clip
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
 from neobert_pt.optim.scalar_opts import adamw_step, cautious_decay, f32
@@ -37,30 +46,6 @@ from neobert_pt.optim.scalar_opts import adamw_step, cautious_decay, f32
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("muon", "adamw")
-ADJUST_LR = ("spectral_norm", "rms_norm", "none")
-
-
-def adjusted_lr_factor(adjust_lr: str, shape: tuple[int, int]) -> float:
-    """Multiplier of η for one projection of shape ``(fan_out, fan_in)``.
-
-    ``rms_norm`` = 0.2·sqrt(max(m, n)) makes the update RMS ≈ 0.2 like AdamW (Moonlight), so AdamW LRs carry over;
-    ``spectral_norm`` = sqrt(m/n) (µP / upstream default, no max(1,·) clamp); ``none`` = 1.
-    """
-    m, n = shape
-    if adjust_lr == "rms_norm":
-        return 0.2 * math.sqrt(max(m, n))
-    if adjust_lr == "spectral_norm":
-        return math.sqrt(m / n)
-    if adjust_lr == "none":
-        return 1.0
-    raise ValueError(f"unknown adjust_lr {adjust_lr!r}; valid: {', '.join(ADJUST_LR)}")
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class Muon(torch.optim.Optimizer):
     """Muon (``algorithm="muon"`` groups, matrices) and AdamW (``algorithm="adamw"`` groups) in one instance.
 
@@ -130,28 +115,13 @@ class Muon(torch.optim.Optimizer):
         )
         self._orth_fn = newton_schulz_func
         super().__init__(params, defaults)
-        self._group, self._mesh = self._resolve_mesh(distributed_mesh)
+        # The work split runs over the group under DDP and FSDP2 alike (FSDP2 gathers full matrices first).
+        distribution = resolve_mesh(distributed_mesh, "Muon")
+        self._group, self._mesh = distribution.group, distribution.mesh
         for group in self.param_groups:
             self._validate(group)
             for p in group["params"]:
                 self._init_state(p, group)
-
-    @staticmethod
-    def _resolve_mesh(mesh: Any) -> tuple[Any, Any]:
-        """(process group for splitting work, DeviceMesh or None)."""
-        if mesh is None:
-            return None, None
-        from torch.distributed.device_mesh import DeviceMesh
-
-        if isinstance(mesh, DeviceMesh):
-            if mesh.ndim != 1:
-                raise ValueError(
-                    f"Muon needs a 1-D DeviceMesh (pass the shard sub-mesh for HSDP), got ndim={mesh.ndim}"
-                )
-            return mesh.get_group(), mesh
-        if isinstance(mesh, dist.ProcessGroup):
-            return mesh, None
-        raise TypeError(f"distributed_mesh must be None, a ProcessGroup or a 1-D DeviceMesh, got {type(mesh).__name__}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Accept upstream's group keys (``mu``, ``epsilon``, ``beta1``/``beta2``) as aliases of ours."""
@@ -207,7 +177,7 @@ class Muon(torch.optim.Optimizer):
         else:
             state.setdefault("exp_avg", torch.zeros_like(p))
             state.setdefault("exp_avg_sq", torch.zeros_like(p))
-            state.setdefault("step", torch.zeros((), dtype=torch.float32, device=_local(p).device))
+            state.setdefault("step", torch.zeros((), dtype=torch.float32, device=local(p).device))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep each AdamW step counter an fp32 tensor on its param's device (torch casts floating state to the
@@ -218,7 +188,7 @@ class Muon(torch.optim.Optimizer):
             if group["algorithm"] != "adamw":
                 continue
             for p in group["params"]:
-                state, device = self.state[p], _local(p).device
+                state, device = self.state[p], local(p).device
                 step = state.get("step")
                 if step is None:
                     state["step"] = torch.full((), float(group["step"]), dtype=torch.float32, device=device)
@@ -248,10 +218,10 @@ class Muon(torch.optim.Optimizer):
         states = [self.state[p] for p in params]
         b1, b2 = group["betas"]
         adamw_step(
-            [_local(p) for p in params],
-            [_local(p.grad) for p in params],
-            [_local(s["exp_avg"]) for s in states],
-            [_local(s["exp_avg_sq"]) for s in states],
+            [local(p) for p in params],
+            [local(p.grad) for p in params],
+            [local(s["exp_avg"]) for s in states],
+            [local(s["exp_avg_sq"]) for s in states],
             [s["step"] for s in states],
             lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"], eps=group["eps"],
             cautious_wd=group["cautious_wd"],
@@ -272,9 +242,9 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            mu = f32(group["momentum"], _local(params[0]).device)
-            m = [_local(self.state[p]["momentum"]) for p in params]
-            g = [_local(p.grad).to(mi.dtype) for p, mi in zip(params, m, strict=True)]
+            mu = f32(group["momentum"], local(params[0]).device)
+            m = [local(self.state[p]["momentum"]) for p in params]
+            g = [local(p.grad).to(mi.dtype) for p, mi in zip(params, m, strict=True)]
             torch._foreach_mul_(m, mu)
             torch._foreach_add_(m, g)
             if group["nesterov"]:
@@ -294,7 +264,7 @@ class Muon(torch.optim.Optimizer):
         outputs: list[Tensor | None] = [None] * len(items)
         for (_, *how), idx in buckets.items():
             stacked = torch.cat([items[i][2] for i in idx]) if len(idx) > 1 else items[idx[0]][2]
-            ortho = self._orthogonalize_split(stacked, functools.partial(self._orth, how=tuple(how)))
+            ortho = split_orthogonalize(stacked, functools.partial(self._orth, how=tuple(how)), self._group)
             for i, part in zip(idx, ortho.split([items[i][2].shape[0] for i in idx]), strict=True):
                 outputs[i] = part
         # 3. decoupled weight decay then the scaled update, on this rank's rows. The scalars are fp32 tensors formed
@@ -303,13 +273,13 @@ class Muon(torch.optim.Optimizer):
         for (p, group, x), o in zip(items, outputs, strict=True):
             key = (id(group), tuple(x.shape[1:]))
             if key not in scalars:
-                device = _local(p).device
+                device = local(p).device
                 lr32 = f32(group["lr"], device)
                 wd = lr32 * f32(group["weight_decay"], device)
                 scalars[key] = (wd, 1 - wd, lr32 * adjusted_lr_factor(group["adjust_lr"], key[1]))
             coeff, decay, scale = scalars[key]
             update = self._local_rows(p, o.reshape(p.shape)) * scale  # bf16 product, as upstream
-            w = _local(p)
+            w = local(p)
             if group["cautious_wd"]:
                 cautious_decay([w], [update], coeff)
             else:
@@ -334,28 +304,7 @@ class Muon(torch.optim.Optimizer):
         """This rank's ``Shard(0)`` rows of a full matrix (``torch.chunk`` layout: ceil(R/W) rows per rank)."""
         if not hasattr(p, "placements"):
             return full
-        world, rank = dist.get_world_size(self._group), dist.get_rank(self._group)
-        per_rank = -(-p.shape[0] // world)
-        return full[rank * per_rank : (rank + 1) * per_rank]
-
-    def _orthogonalize_split(self, x: Tensor, orth: Callable[[Tensor], Tensor]) -> Tensor:
-        """Orthogonalise a (N, r, c) batch; with a process group, each rank does N/W matrices and all-gathers.
-
-        A single matrix is done redundantly (nothing to split). Zero padding matrices stay zero and are dropped.
-        """
-        world = dist.get_world_size(self._group) if self._group is not None else 1
-        n = x.shape[0]
-        if world == 1 or n == 1:
-            return orth(x)
-        per_rank = -(-n // world)
-        pad = per_rank * world - n
-        if pad:
-            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-        rank = dist.get_rank(self._group)
-        mine = orth(x[rank * per_rank : (rank + 1) * per_rank]).contiguous()
-        out = torch.empty_like(x)
-        dist.all_gather_into_tensor(out, mine, group=self._group)
-        return out[:n]
+        return local_rows(full, dist.get_world_size(self._group), dist.get_rank(self._group))
 
 
 def _muon_settings(ctx: OptimizerContext) -> dict[str, Any]:

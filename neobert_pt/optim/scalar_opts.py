@@ -1,11 +1,14 @@
-"""Element-wise update rules shared by the orthonormal optimizers (Muon's and Dion2's non-matrix groups).
+"""Element-wise update rules shared by the orthonormal optimizers (the non-matrix groups of Muon, Dion2 and Dion).
 
-One implementation of each, in upstream ``microsoft/dion``'s arithmetic, so Muon and Dion2 step their scalar groups
-identically:
+One implementation of each, in upstream ``microsoft/dion``'s arithmetic, so the optimizers step their scalar groups
+identically (the other shared pieces, meshes, shards and the work split, are in ``orthonormal.py``):
 
 * :func:`adamw_step`: decoupled AdamW through torch's public fused functional
-  (``torch.optim.adamw.adamw(..., fused=True)``), with a per-parameter fp32 step counter, so a parameter that
-  skipped steps (``grad is None``) gets its own bias correction, as in ``torch.optim.AdamW`` and upstream.
+  (``torch.optim.adamw.adamw(..., fused=True)``, which increments the fp32 step counters and then runs the fused
+  kernel). Muon and Dion2 keep a per-parameter counter, so a parameter that skipped steps (``grad is None``) gets
+  its own bias correction, as in ``torch.optim.AdamW`` and upstream, and pass ``lr`` as an fp32 tensor; Dion
+  passes counters holding the group step and a Python-float ``lr``, as upstream Dion calls the kernel (the two
+  ``lr`` forms round differently in the kernel, so each optimizer keeps its upstream's).
 * :func:`lion_step`: Lion with every scalar that multiplies a (possibly bf16) tensor carried as an fp32 0-d tensor,
   which keeps it at fp32 precision (a Python float handed to a ``torch._foreach_*`` op is rounded to the tensor
   dtype first: ``1 - 0.02·0.1`` would become ``0.99609375`` in bf16).
@@ -38,11 +41,14 @@ def adamw_step(
     weight_decay: float,
     eps: float,
     cautious_wd: bool = False,
+    tensor_lr: bool = True,
 ) -> None:
-    """One AdamW step: ``steps`` (fp32 0-d tensors on each param's device) are incremented, then
-    ``W ← W·(1−ηλ) − η/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + ε)`` per parameter, with its own ``t``.
+    """One AdamW step: ``steps`` (fp32 0-d tensors on each param's device, one tensor object per param) are
+    incremented, then ``W ← W·(1−ηλ) − η/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + ε)`` per parameter, with its own ``t``.
+    All four tensors of a parameter must share one dtype (the fused kernel's requirement).
 
-    ``lr`` is passed to the kernel as an fp32 tensor, as upstream does (its ``tensor_lr`` overload).
+    ``tensor_lr``: pass ``lr`` to the kernel as an fp32 0-d tensor (upstream Muon/Dion2, the kernel's ``tensor_lr``
+    overload) or, when False, as the Python float (upstream Dion).
     ``cautious_wd`` (arXiv 2510.12402) then gives back the decay on entries where the new momentum and the old
     weight disagree in sign, upstream's post-kernel correction."""
     if not params:
@@ -51,7 +57,7 @@ def adamw_step(
     old = [w.clone() for w in params] if cautious_wd and weight_decay else None
     _adamw_functional(
         params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, amsgrad=False, beta1=beta1, beta2=beta2,
-        lr=lr_t, weight_decay=weight_decay, eps=eps, maximize=False,
+        lr=lr_t if tensor_lr else lr, weight_decay=weight_decay, eps=eps, maximize=False,
     )
     if old is not None:
         signs = torch._foreach_mul(exp_avgs, old)

@@ -17,8 +17,9 @@ import torch.distributed as dist
 from gloo import run_on_gloo  # tests/distributed/gloo.py (the test dir is on sys.path)
 from torch import nn
 
-from neobert_pt.optim.dion2 import Dion2, adjusted_lr, num_selected
+from neobert_pt.optim.dion2 import Dion2, num_selected
 from neobert_pt.optim.orthogonalize import orthogonalize
+from neobert_pt.optim.orthonormal import adjusted_lr_factor
 
 WORLD = 2
 STEPS = 3
@@ -97,7 +98,7 @@ def simulate_fsdp(scope: str) -> dict[str, list[torch.Tensor]]:
             m[idx] = m[idx] * MU
             ortho = orthogonalize(block, eps=1e-8)[slots]
             w.mul_(decay)
-            w[idx] += ortho.float() * -adjusted_lr(torch.tensor(LR), rows, cols, "spectral_norm")
+            w[idx] += ortho.float() * -(torch.tensor(LR) * adjusted_lr_factor("spectral_norm", (rows, cols)))
     return {"w": ws, "m": ms}
 
 

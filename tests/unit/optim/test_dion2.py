@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from neobert_pt.optim.dion2 import Dion2, adjusted_lr, num_selected
+from neobert_pt.optim.dion2 import Dion2, num_selected
 from neobert_pt.optim.muon import Muon
 from neobert_pt.optim.orthogonalize import orthogonalize
+from neobert_pt.optim.orthonormal import adjusted_lr_factor
 
 FIXTURE = Path(__file__).resolve().parents[2] / "assets" / "specs" / "dion2_cpu_reference.json"
 REF = json.loads(FIXTURE.read_text())
@@ -164,10 +165,9 @@ def test_lr_scale_uses_full_shape(shape) -> None:
     for rec in log:
         ratio = (rec["w_new"] - rec["w"]).norm() / (eta * math.sqrt(k))
         assert 0.9 <= ratio <= 1.1
-    lr_t = torch.tensor(lr)
-    assert adjusted_lr(lr_t, 16, 32, "spectral_norm").item() == pytest.approx(lr * math.sqrt(0.5))
-    assert adjusted_lr(lr_t, 48, 16, "rms_norm").item() == pytest.approx(lr * 0.2 * math.sqrt(48))
-    assert adjusted_lr(lr_t, 48, 16, None).item() == pytest.approx(lr)
+    assert adjusted_lr_factor("spectral_norm", (16, 32)) == pytest.approx(math.sqrt(0.5))
+    assert adjusted_lr_factor("rms_norm", (48, 16)) == pytest.approx(0.2 * math.sqrt(48))
+    assert adjusted_lr_factor(None, (48, 16)) == 1.0
 
 
 def test_fraction_one_equals_muon_without_nesterov() -> None:
