@@ -39,7 +39,8 @@ class ModelConfig:
         "sdpa",
         "Attention backend. 'auto' picks the fastest exact one and logs one line saying which and why: on CUDA "
         "flash_attention_2 with flash-attn, else varlen (torch's varlen_attn, when this torch has it), else "
-        "flex_attention (compiled, document block mask); sdpa on CPU. The varlen backends unpad once per forward.",
+        "flex_attention (compiled, document block mask; also in fp32, as the varlen kernels need bf16); sdpa on CPU. "
+        "The varlen backends unpad once per forward.",
     )
     masked_logits_only: bool = option(
         True, "Compute the MLM decoder only on masked positions (same loss, far less compute)."

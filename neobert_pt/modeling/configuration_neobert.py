@@ -26,31 +26,39 @@ def swiglu_inner_size(intermediate_size: int) -> int:
 
 
 def choose_attn_implementation(*, cuda: bool, flash_attn: bool, torch_varlen: bool, flex: bool,
-                               torch_version: str = "") -> tuple[str, str]:
+                               half_precision: bool = True, torch_version: str = "") -> tuple[str, str]:
     """(backend, why) that ``'auto'`` picks given what is available: the fastest exact backend.
 
     CUDA: ``flash_attention_2`` when flash-attn is installed, else ``varlen`` when this torch has
     ``torch.nn.attention.varlen.varlen_attn``: both run a flash kernel on the unpadded token stream split at
     document boundaries (no padding FLOPs, no mask); flash-attn first because installing it is an explicit choice.
-    Else ``flex_attention`` (compiled, block-sparse document mask: partly padded blocks are still computed). CPU:
+    Both kernels take bf16/fp16 only, so without ``half_precision`` (fp32 training) they are passed over. Else
+    ``flex_attention`` (compiled, block-sparse document mask: partly padded blocks are still computed). CPU:
     ``sdpa`` (torch's varlen kernel is CUDA-only and flex runs unfused there). The order is by construction; the
     backends are not yet measured against each other on a GPU (``benchmarks/gpu_suite.py`` measures them).
     """
     torch_name = f"torch {torch_version}".strip()
     if not cuda:
         return "sdpa", "no CUDA device (torch's varlen kernel is CUDA-only, flex_attention is unfused on CPU)"
-    if flash_attn:
+    if half_precision and flash_attn:
         return "flash_attention_2", "CUDA with flash-attn installed (varlen kernel on the unpadded token stream)"
-    if torch_varlen:
+    if half_precision and torch_varlen:
         return "varlen", f"CUDA without flash-attn; {torch_name} has varlen_attn (kernel on the unpadded token stream)"
+    if not half_precision and (flash_attn or torch_varlen):
+        why = "CUDA in fp32: the varlen flash kernels take bf16/fp16 only, so compiled flex_attention"
+    else:
+        why = f"CUDA without flash-attn; {torch_name} has no varlen_attn: compiled flex_attention"
     if flex:
-        return "flex_attention", (f"CUDA without flash-attn; {torch_name} has no varlen_attn: compiled flex_attention "
-                                  "with a document block mask")
-    return "sdpa", f"CUDA without flash-attn; {torch_name} has neither varlen_attn nor flex_attention"
+        return "flex_attention", why + " with a document block mask"
+    return "sdpa", f"CUDA without a usable varlen kernel; {torch_name} has no flex_attention"
 
 
-def resolve_attn_implementation(name: str) -> str:
-    """Turn ``'auto'`` into :func:`choose_attn_implementation`'s pick here, logged as one line with the reason."""
+def resolve_attn_implementation(name: str, half_precision: bool = True) -> str:
+    """Turn ``'auto'`` into :func:`choose_attn_implementation`'s pick here, logged as one line with the reason.
+
+    ``half_precision``: whether the model will run in bf16/fp16 on CUDA. The trainer passes its
+    ``trainer.mixed_precision``; a bare ``NeoBERTConfig(attn_implementation="auto")`` assumes it (the way the flash
+    kernels are used on GPUs; an fp32 forward on them raises an error naming the fix)."""
     if name != "auto":
         return name
     import torch
@@ -63,6 +71,7 @@ def resolve_attn_implementation(name: str) -> str:
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
         torch_varlen=has("torch.nn.attention.varlen", "varlen_attn"),
         flex=has("torch.nn.attention.flex_attention", "flex_attention"),
+        half_precision=half_precision,
         torch_version=torch.__version__,
     )
     logger.info("NeoBERT attn_implementation 'auto' resolved to '%s': %s", choice, why)

@@ -137,6 +137,7 @@ class Trainer:
     def __init__(self, run: RunConfig, *, accelerator: Any = None) -> None:
         from neobert_pt.data import build_data, build_tokenizer
         from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
+        from neobert_pt.modeling.configuration_neobert import resolve_attn_implementation
 
         self.run = run
         tcfg = run.trainer
@@ -181,6 +182,9 @@ class Trainer:
         if vocab < len(self.tokenizer):
             raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(self.tokenizer)} tokens); "
                               "set it >= that or null")
+        if model_fields["attn_implementation"] == "auto":  # resolved here, where the precision is known
+            model_fields["attn_implementation"] = resolve_attn_implementation(
+                "auto", half_precision=acc.mixed_precision == "bf16")
         model = NeoBERTForMaskedLM(
             NeoBERTConfig(**model_fields, vocab_size=vocab, pad_token_id=self.tokenizer.pad_token_id)
         )

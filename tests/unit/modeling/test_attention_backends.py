@@ -164,6 +164,8 @@ def test_auto_choice_order():
     old = choose(cuda=True, flash_attn=False, torch_varlen=False, flex=True, torch_version="2.11.0")
     assert old[0] == "flex_attention" and "torch 2.11.0 has no varlen_attn" in old[1]
     assert choose(cuda=True, flash_attn=False, torch_varlen=False, flex=False)[0] == "sdpa"
+    fp32 = choose(cuda=True, flash_attn=True, torch_varlen=True, flex=True, half_precision=False)
+    assert fp32[0] == "flex_attention" and "bf16/fp16 only" in fp32[1]  # the flash kernels cannot run fp32
 
 
 def test_auto_logs_one_line(caplog):
