@@ -7,8 +7,8 @@ Per matrix ``W`` (m×n) and step, with momentum ``M`` and right factor ``Q`` (``
 where ``A = B`` (tall or square) or ``Bᵀ`` (wide; FSDP2 ``Shard(0)`` always uses this "transposed" orientation so
 P's rows are never split). ``orth`` is randomized Cholesky QR (RCQR), Householder QR when P is square or wide.
 Scalar params (embeddings, norms, biases, heads) are stepped by AdamW or Lion in the same optimizer (``algorithm``);
-AdamW through the shared :func:`neobert_pt.optim.scalar_opts.adamw_step` (torch's public fused functional) with the
-group step as t. Mesh resolution, local shards, row ranges and the LR adjustment are the shared ones of
+AdamW and Lion are the shared :mod:`neobert_pt.optim.scalar_opts` steps (AdamW: torch's public fused functional,
+with the group step as t). Mesh resolution, local shards, row ranges and the LR adjustment are the shared ones of
 :mod:`neobert_pt.optim.orthonormal`.
 
 Distribution (spec §2), all with ordinary collectives through :class:`~neobert_pt.optim.comm.CommCounter`:
@@ -51,7 +51,7 @@ from neobert_pt.config.errors import ConfigError
 from neobert_pt.optim.comm import CommCounter
 from neobert_pt.optim.orthonormal import adjusted_lr_factor, local, local_rows, resolve_mesh
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
-from neobert_pt.optim.scalar_opts import adamw_step, f32
+from neobert_pt.optim.scalar_opts import adamw_step, f32, lion_step
 
 logger = logging.getLogger(__name__)
 
@@ -396,17 +396,15 @@ class Dion(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------ scalar groups
     def _step_lion(self, group: dict[str, Any]) -> None:
+        """Lion (the shared implementation: fp32 0-d scalars, upstream's op order; reproduces upstream Dion's Lion
+        bit for bit on every fixture run, bf16 momenta included)."""
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        lr, wd, beta1, beta2 = group["lr"], group["weight_decay"], group["beta1"], group["beta2"]
-        for p in params:
-            w, m = local(p), local(self.state[p]["momentum"])
-            g = local(p.grad).to(m.dtype)
-            update = m.lerp(g, 1 - beta1).sign_()
-            m.lerp_(g, 1 - beta2)
-            w.mul_(1 - lr * wd)
-            w.add_(update.to(w.dtype), alpha=-lr)
+        lion_step(
+            [local(p) for p in params],
+            [local(p.grad) for p in params],
+            [local(self.state[p]["momentum"]) for p in params],
+            lr=group["lr"], beta1=group["beta1"], beta2=group["beta2"], weight_decay=group["weight_decay"],
+        )
 
     def _step_adamw(self, group: dict[str, Any]) -> None:
         """Decoupled AdamW with the GROUP step as t (spec §1.9): torch's fused kernel (public functional, Python-float
