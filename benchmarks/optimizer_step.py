@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from benchmarks.common import device_name, emit, median_ms, pick_device, synchronize  # noqa: E402
 from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM  # noqa: E402
-from neobert_pt.optim import OptimizerConfig, OptimizerContext, build_optimizer  # noqa: E402
+from neobert_pt.optim.config import OptimizerConfig  # noqa: E402
+from neobert_pt.optim.registry import OptimizerContext, build_optimizer  # noqa: E402
 
 # (label, optimizer.name, config tweaks)
 VARIANTS: list[tuple[str, str, dict]] = [

@@ -39,7 +39,7 @@ class UserError(Exception):
 
 
 USER_ERROR_TYPES: list[str] = [
-    "neobert_pt.config.errors:ConfigError",  # includes neobert_pt.data.errors.DataError
+    "neobert_pt.errors:ConfigError",  # includes neobert_pt.data.errors.DataError
     "neobert_pt.train.checkpoint:CheckpointError",
     "neobert_pt.train.trainer:NonFiniteLossError",
     "neobert_pt.hub:HubError",

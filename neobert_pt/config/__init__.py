@@ -1,38 +1,38 @@
 """Run configuration: dataclass schema, YAML + dotted-override loader, CLI and generated reference.
 
-Exports resolve lazily: ``neobert_pt.optim.config`` imports ``neobert_pt.config.fields`` while the schema imports
-``neobert_pt.optim.config``, so an eager import here would be circular.
+Plain imports: the optimizer section comes from ``neobert_pt/optim/config.py``, which imports only torch-free modules
+(the leaf modules ``neobert_pt/errors.py`` and ``neobert_pt/fields.py`` and the optimizer catalog), never this
+package, so there is no import cycle and importing the config imports no optimizer.
 """
 
-from __future__ import annotations
+from neobert_pt.config.cli import parse_args
+from neobert_pt.config.errors import ConfigError
+from neobert_pt.config.loader import ConfigWarning, config_to_dict, dump_config, load_config, save_config
+from neobert_pt.config.schema import (
+    DataCollatorConfig,
+    DatasetConfig,
+    ModelConfig,
+    RunConfig,
+    SchedulerConfig,
+    TokenizerConfig,
+    TrainerConfig,
+    WandbConfig,
+)
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "RunConfig": "neobert_pt.config.schema",
-    "ModelConfig": "neobert_pt.config.schema",
-    "DatasetConfig": "neobert_pt.config.schema",
-    "TokenizerConfig": "neobert_pt.config.schema",
-    "DataCollatorConfig": "neobert_pt.config.schema",
-    "TrainerConfig": "neobert_pt.config.schema",
-    "SchedulerConfig": "neobert_pt.config.schema",
-    "WandbConfig": "neobert_pt.config.schema",
-    "ConfigError": "neobert_pt.config.errors",
-    "ConfigWarning": "neobert_pt.config.loader",
-    "load_config": "neobert_pt.config.loader",
-    "config_to_dict": "neobert_pt.config.loader",
-    "dump_config": "neobert_pt.config.loader",
-    "save_config": "neobert_pt.config.loader",
-    "parse_args": "neobert_pt.config.cli",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__all__ = [
+    "ConfigError",
+    "ConfigWarning",
+    "DataCollatorConfig",
+    "DatasetConfig",
+    "ModelConfig",
+    "RunConfig",
+    "SchedulerConfig",
+    "TokenizerConfig",
+    "TrainerConfig",
+    "WandbConfig",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_args",
+    "save_config",
+]

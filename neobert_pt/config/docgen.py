@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 
-from neobert_pt.config.loader import SUBBLOCK_OPTIMIZERS
 from neobert_pt.config.schema import RunConfig
 from neobert_pt.config.tree import (
     Option,
@@ -21,22 +20,38 @@ from neobert_pt.config.tree import (
     section_list_item,
     type_name,
 )
+from neobert_pt.optim.catalog import optimizer_entries, subblock_users
 
 DOC_COMMAND = "python -m neobert_pt.config.docgen > docs/configuration.md"
 SNAPSHOT_COMMAND = "python -m neobert_pt.config.docgen --snapshot > tests/unit/config/snapshot_keys.txt"
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _subblock_lines() -> str:
     return "\n".join(
         f"  - `optimizer.{block}` is read by {', '.join(f'`{n}`' for n in users)}."
-        for block, users in SUBBLOCK_OPTIMIZERS.items()
+        for block, users in subblock_users().items()
     )
 
 
-_INTRO = f"""\
+def _optimizer_table() -> str:
+    """Every registered optimizer (neobert_pt/optim/catalog.py): name, sub-block, `lr: auto` support, summary."""
+    lines = ["| `optimizer.name` | sub-block | `lr: auto` | what |", "|---|---|---|---|"]
+    for e in optimizer_entries():
+        block = f"`optimizer.{e.block}`" if e.block else "—"
+        lines.append(f"| `{e.name}` | {block} | {'yes' if e.lr_fits else 'no'} | {_cell(e.summary)} |")
+    return "\n".join(lines)
+
+
+def _intro() -> str:
+    return f"""\
 # Configuration reference
 
-<!-- Generated from the dataclasses in neobert_pt/config/schema.py and neobert_pt/optim/config.py.
+<!-- Generated from the dataclasses in neobert_pt/config/schema.py and neobert_pt/optim/config.py and from the
+     optimizer catalog (neobert_pt/optim/catalog.py).
      Do not edit by hand; regenerate with: {DOC_COMMAND} -->
 
 A run is configured by one YAML file plus command-line overrides. Every key in the tables below can be set in the
@@ -65,6 +80,13 @@ python scripts/pretraining/pretrain.py --help                  # every key with 
   setting that differs from the checkpoint's `config.yaml` is logged once (`optimizer.lr 0.0006 → 1e-05`).
 - The resolved config is written to `<trainer.output_dir>/config.yaml`; loading that file reproduces the run.
 
+## Optimizers
+
+Every value of `optimizer.name`, with the sub-block it reads and whether `optimizer.lr: auto` has a power law for it
+(docs/optimizers.md has the details; adding one is a single `register_optimizer` call):
+
+{_optimizer_table()}
+
 ## Errors and warnings
 
 - Unknown key: the message names the full dotted key and the closest valid one
@@ -81,10 +103,6 @@ python scripts/pretraining/pretrain.py --help                  # every key with 
 """
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def _table(rows: list[Option]) -> list[str]:
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
     for o in rows:
@@ -97,7 +115,7 @@ def _table(rows: list[Option]) -> list[str]:
 def markdown() -> str:
     """The full configuration reference."""
     options = list(iter_options(RunConfig))
-    out = [_INTRO.rstrip("\n")]
+    out = [_intro().rstrip("\n")]
     top_level = [o for o in options if "." not in o.key and not o.is_section]
     for section in (o for o in options if o.is_section):
         out += ["", f"{'#' * (section.key.count('.') + 2)} `{section.key}`", ""]

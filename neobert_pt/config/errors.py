@@ -1,5 +1,6 @@
-"""Config errors: one exception type whose message is meant to be read by a user at a terminal."""
+"""``ConfigError`` for the config package and its callers; it is defined in the leaf module ``neobert_pt/errors.py``
+(stdlib only), which optimizer config classes import directly so that they never import ``neobert_pt.config``."""
 
+from neobert_pt.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value, key or combination is invalid; the message names the dotted key and how to fix it."""
+__all__ = ["ConfigError"]

@@ -29,10 +29,10 @@ from neobert_pt.config.tree import (
     union_args,
 )
 from neobert_pt.config.yamlio import dump_yaml, parse_value, parse_yaml
+from neobert_pt.optim.catalog import subblock_users
 
 __all__ = [
     "ConfigWarning",
-    "SUBBLOCK_OPTIMIZERS",
     "config_to_dict",
     "dump_config",
     "key_sources",
@@ -40,15 +40,6 @@ __all__ = [
     "parse_overrides",
     "save_config",
 ]
-
-# Which `optimizer.name` values read each optimizer sub-block; setting a sub-block for another optimizer warns.
-SUBBLOCK_OPTIMIZERS: dict[str, tuple[str, ...]] = {
-    "muon_config": ("muonclip",),
-    "dion2_config": ("dion2",),
-    "dion_config": ("dion",),
-    "dana_config": ("adana", "dana-mk4", "dana-star", "dana-star-mk4", "adamw-decaying-wd"),
-}
-
 
 class ConfigWarning(UserWarning):
     """A config value that is accepted but has no effect (e.g. a sub-block of an optimizer that is not selected)."""
@@ -354,7 +345,7 @@ def _warn_unused_subblocks(values: dict[str, Any]) -> None:
     optimizer = values.get("optimizer", {})
     defaults = RunConfig().optimizer
     name = optimizer.get("name", defaults.name)
-    for block, users in SUBBLOCK_OPTIMIZERS.items():
+    for block, users in subblock_users().items():  # which optimizer.name values read each sub-block
         default_block = getattr(defaults, block, None)
         changed = sorted(k for k, v in optimizer.get(block, {}).items() if v != getattr(default_block, k, object()))
         if changed and name not in users:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from neobert_pt.config.errors import ConfigError
-from neobert_pt.config.fields import option
+from neobert_pt.errors import ConfigError
+from neobert_pt.fields import option
 from neobert_pt.optim.config import OptimizerConfig
 
 

@@ -1,6 +1,6 @@
 """The data pipeline's one user-facing error type."""
 
-from neobert_pt.config.errors import ConfigError
+from neobert_pt.errors import ConfigError
 
 
 class DataError(ConfigError):

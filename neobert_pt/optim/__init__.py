@@ -1,39 +1,12 @@
-"""Optimizers and the registry that builds them from ``optimizer.*`` config."""
+"""Optimizers and the registry that builds them from ``optimizer.*`` config.
 
-from neobert_pt.optim.config import DanaConfig, Dion2Config, DionConfig, MuonConfig, OptimizerConfig
-from neobert_pt.optim.dana import AdamWDecayingWD, ADana, DanaStar
-from neobert_pt.optim.dion import Dion, DionMixedPrecisionConfig
-from neobert_pt.optim.dion2 import Dion2
-from neobert_pt.optim.lr_rule import resolve_lr, suggest_peak_lr
-from neobert_pt.optim.muon import Muon
-from neobert_pt.optim.orthogonalize import orthogonalize
-from neobert_pt.optim.registry import (
-    BuiltOptimizer,
-    OptimizerContext,
-    available_optimizers,
-    build_optimizer,
-    register,
-)
+Import from the modules themselves; this package file imports nothing, so that the torch-free config side
+(``catalog.py``: the list of optimizers; ``config.py``: the ``optimizer`` section and the built-in optimizers'
+sub-blocks) can be imported without importing any optimizer:
 
-__all__ = [
-    "ADana",
-    "AdamWDecayingWD",
-    "BuiltOptimizer",
-    "DanaConfig",
-    "DanaStar",
-    "Dion",
-    "Dion2",
-    "Dion2Config",
-    "DionConfig",
-    "DionMixedPrecisionConfig",
-    "Muon",
-    "MuonConfig",
-    "OptimizerConfig",
-    "OptimizerContext",
-    "available_optimizers",
-    "build_optimizer",
-    "orthogonalize",
-    "register",
-    "resolve_lr",
-    "suggest_peak_lr",
-]
+- ``catalog.py``: ``register_optimizer`` and the catalog every list of optimizers derives from;
+- ``config.py``: ``OptimizerConfig`` and its sub-blocks (``MuonConfig``, ``Dion2Config``, ``DionConfig``, ``DanaConfig``);
+- ``registry.py``: ``OptimizerContext``, ``BuiltOptimizer``, ``build_optimizer`` (what the trainer calls);
+- ``lr_rule.py``: ``optimizer.lr: auto``; ``param_groups.py``: the one param-group policy;
+- one module per optimizer: ``dana.py``, ``muon.py``, ``dion2.py``, ``dion.py`` (+ their helpers).
+"""

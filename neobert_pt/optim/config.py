@@ -1,9 +1,12 @@
-"""The `optimizer` config section and its per-algorithm sub-blocks (`muon_config`, `dion2_config`, `dion_config`,
-`dana_config`).
+"""The `optimizer` config section, the built-in optimizers' sub-blocks (`muon_config`, `dion2_config`, `dion_config`,
+`dana_config`) and the catalog entry of every built-in optimizer.
 
-Top-level `lr`, `betas`, `eps` and `weight_decay` serve AdamW and the scalar (embedding/norm) group of every
-orthonormal optimizer; each sub-block holds only what its algorithm adds. A sub-block given for an optimizer that
-is not selected is ignored with a warning (see :func:`neobert_pt.config.loader.load_config`).
+Torch-free (stdlib, the leaf modules ``neobert_pt/errors.py`` / ``neobert_pt/fields.py`` and the catalog), so
+``neobert_pt/config/schema.py`` imports it without importing an optimizer. Top-level `lr`, `betas`, `eps` and
+`weight_decay` serve AdamW and the scalar (embedding/norm) group of every orthonormal optimizer; each sub-block holds
+only what its algorithm adds. A sub-block given for an optimizer that is not selected is ignored with a warning (see
+:func:`neobert_pt.config.loader.load_config`). :data:`OptimizerConfig` is built from the catalog at the end of this
+module (``neobert_pt/optim/catalog.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from neobert_pt.config.errors import ConfigError
-from neobert_pt.config.fields import option
+from neobert_pt.errors import ConfigError
+from neobert_pt.fields import option
+from neobert_pt.optim.catalog import LARGE_BATCH_TOKENS, SMALL_BATCH_TOKENS, optimizer_section, register_optimizer
 
 
 def _validate(section: str, obj: object, checks: tuple[tuple[str, bool, str], ...]) -> None:
@@ -103,7 +107,10 @@ class Dion2Config(QKClipSettings):
     orthogonalization: Literal["polar_express", "newton_schulz"] = option(
         "polar_express", "Orthogonaliser of the selected submatrix (Polar Express 5 steps, or quintic NS5)."
     )
-    ns_steps: int = option(5, "Iterations of the orthogonaliser.")
+    ns_steps: int = option(
+        5, "Iterations of the orthogonaliser: always 5 (both orthogonalisers are fixed 5-step schedules in Dion2; "
+        "the key stays so saved configs load)."
+    )
     fast_cpu_orthogonalization: bool = option(
         False, "Opt-in CPU speed path: bf16 orthogonaliser products as fp32 sgemm rounded once. Not upstream's bits "
         "(a different, equally accurate approximation; divergence table in docs/optimizers.md); default: exact."
@@ -124,7 +131,8 @@ class Dion2Config(QKClipSettings):
         checks = (
             ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
             ("ef_decay", self.ef_decay >= 0, ">= 0"),
-            ("ns_steps", self.ns_steps >= 1, ">= 1"),
+            ("ns_steps", self.ns_steps == 5,
+             "5 (Dion2's polar_express and newton_schulz are fixed 5-step schedules; remove the key or set it to 5)"),
             ("matrix_lr", self.matrix_lr is None or self.matrix_lr > 0, "> 0 or null"),
             *self._clip_checks(),
         )
@@ -219,22 +227,17 @@ class DanaConfig:
 
 
 @dataclass
-class OptimizerConfig:
+class SharedOptimizerSettings:
     """Which optimizer and its shared hyperparameters."""
 
-    name: Literal[
-        "adamw", "adana", "dana-mk4", "dana-star", "dana-star-mk4", "adamw-decaying-wd", "muonclip", "dion2", "dion"
-    ] = option("adamw", "Optimizer (see docs/optimizers.md).")
+    # The registered names become this field's choices in OptimizerConfig (built below from the catalog).
+    name: str = option("adamw", "Optimizer (see docs/optimizers.md).")
     lr: float | Literal["auto"] = option(
         6e-4, "Peak learning rate; 'auto' applies the DANA paper's power law in non-embedding params (logged)."
     )
     betas: list[float] = option([0.9, 0.98], "Adam betas (AdamW, and the scalar group of orthonormal optimizers).")
     eps: float = option(1e-8, "Adam epsilon.")
     weight_decay: float = option(0.01, "Decoupled weight decay on 2-D block weights (never on norms/embeddings).")
-    muon_config: MuonConfig = option(MuonConfig, "Settings used when name is 'muonclip'.")
-    dion2_config: Dion2Config = option(Dion2Config, "Settings used when name is 'dion2'.")
-    dion_config: DionConfig = option(DionConfig, "Settings used when name is 'dion'.")
-    dana_config: DanaConfig = option(DanaConfig, "Settings used by the DANA family and adamw-decaying-wd.")
 
     def __post_init__(self) -> None:
         """The shared hyperparameters, checked here so a bad value is one line naming the key (not torch's
@@ -251,3 +254,97 @@ class OptimizerConfig:
             if not ok:
                 raise ConfigError(f"optimizer.{key}={getattr(self, key)!r} is invalid: must be {allowed}; "
                                   f"set --optimizer.{key} to a valid value.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The built-in optimizers. Each is registered once: summary, builder ("module:function", imported only when that
+# optimizer is built, so this module stays torch-free), config sub-block and the peak-LR power laws of
+# `optimizer.lr: auto`. Those are the DANA paper's "Enoki" fits (`src/config/scaling_rules.yaml` in mlexpos/adana):
+# kappa (None: no role) -> {tokens per step: (a, b, d)} of lr* = a * (b + P) ** d; neobert_pt/optim/lr_rule.py
+# documents how they are used. Registration order is the order of the choices and sub-blocks in the docs.
+
+register_optimizer(
+    "adamw",
+    summary="torch.optim.AdamW (fused); decoupled weight decay on the 2-D block weights only.",
+    builder="neobert_pt.optim.registry:build_adamw",
+    lr_fits={None: {SMALL_BATCH_TOKENS: (12.8, 1.67e4, -0.515), LARGE_BATCH_TOKENS: (16.7, 1.58e7, -0.464)}},
+)
+register_optimizer(
+    "adana",
+    summary="ADana: log-time EMAs and damped Nesterov momentum, decaying weight decay (DANA family).",
+    builder="neobert_pt.optim.dana:build_adana",
+    config=DanaConfig,
+    block="dana_config",
+    lr_fits={
+        0.75: {SMALL_BATCH_TOKENS: (12.7, 9.55e3, -0.624)},
+        0.80: {SMALL_BATCH_TOKENS: (17.6, 3.66e4, -0.624)},
+        0.85: {SMALL_BATCH_TOKENS: (22.5, 1.22e5, -0.618), LARGE_BATCH_TOKENS: (85.3, 3.04e4, -0.654)},
+        0.90: {SMALL_BATCH_TOKENS: (68.9, 2.95e4, -0.667)},
+    },
+)
+register_optimizer(
+    "dana-mk4",
+    summary="ADana with the Nesterov term capped at dana_config.clipsnr.",
+    builder="neobert_pt.optim.dana:build_dana_mk4",
+    config=DanaConfig,
+    block="dana_config",
+    lr_fits={
+        0.75: {SMALL_BATCH_TOKENS: (56.0, 5.71e3, -0.708)},
+        0.85: {SMALL_BATCH_TOKENS: (23.0, 1.46e4, -0.627), LARGE_BATCH_TOKENS: (2.47e3, 2.24e7, -0.826)},
+    },
+)
+register_optimizer(
+    "dana-star",
+    summary="Dana-Star: ADana normalised by the RMS of active gradients (per-element activity estimate tau).",
+    builder="neobert_pt.optim.dana:build_dana_star",
+    config=DanaConfig,
+    block="dana_config",
+    lr_fits={
+        0.75: {SMALL_BATCH_TOKENS: (41.0, 3.03e4, -0.661)},
+        0.85: {SMALL_BATCH_TOKENS: (223.0, 2.40e6, -0.724)},
+    },
+)
+register_optimizer(
+    "dana-star-mk4",
+    summary="Dana-Star with the capped Nesterov term; the recommended DANA variant for encoders.",
+    builder="neobert_pt.optim.dana:build_dana_star_mk4",
+    config=DanaConfig,
+    block="dana_config",
+    lr_fits={
+        0.75: {SMALL_BATCH_TOKENS: (41.0, 3.03e4, -0.661)},
+        0.85: {SMALL_BATCH_TOKENS: (223.0, 2.40e6, -0.724), LARGE_BATCH_TOKENS: (310.0, 1.40e4, -0.701)},
+    },
+)
+register_optimizer(
+    "adamw-decaying-wd",
+    summary="The DANA paper's baseline: bias-corrected Adam with the same decaying weight decay.",
+    builder="neobert_pt.optim.dana:build_adamw_decaying_wd",
+    config=DanaConfig,
+    block="dana_config",
+    lr_fits={None: {SMALL_BATCH_TOKENS: (65.7, 9.83e3, -0.608)}},
+)
+register_optimizer(
+    "muonclip",
+    summary="Muon on the hidden matrices + AdamW on the rest, optional QK-clip.",
+    builder="neobert_pt.optim.muon:build_muonclip",
+    config=MuonConfig,
+    block="muon_config",
+)
+register_optimizer(
+    "dion2",
+    summary="Dion2: sparse orthonormal updates with error feedback + AdamW/Lion, optional QK-clip.",
+    builder="neobert_pt.optim.dion2:build_dion2",
+    config=Dion2Config,
+    block="dion2_config",
+)
+register_optimizer(
+    "dion",
+    summary="Dion v1: rank-r orthonormal updates by power iteration with error feedback + AdamW/Lion.",
+    builder="neobert_pt.optim.dion:build_dion",
+    config=DionConfig,
+    block="dion_config",
+)
+
+# The optimizer section: SharedOptimizerSettings + `name` limited to the registered optimizers + one field per
+# sub-block. Registration is closed from here on (neobert_pt/optim/catalog.py).
+OptimizerConfig = optimizer_section(SharedOptimizerSettings)

@@ -30,7 +30,7 @@ from torch import Tensor
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.optim import dana_fused
 from neobert_pt.optim.orthonormal import local
-from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register, torch_param_groups
+from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, torch_param_groups
 
 __all__ = ["ADana", "AdamWDecayingWD", "DanaStar"]
 
@@ -408,31 +408,26 @@ def resolve_update_kernel(choice: str) -> tuple[bool, str]:
     return False, f"auto: {'CPU (set update_kernel: compiled to fuse; compiles once)' if ok else how}"
 
 
-@register("adana")
 def build_adana(ctx: OptimizerContext) -> BuiltOptimizer:
     """ADana: log-time momentum with damped Nesterov, no SNR clip."""
     return _build_dana(ctx, ADana, clip=False)
 
 
-@register("dana-mk4")
 def build_dana_mk4(ctx: OptimizerContext) -> BuiltOptimizer:
     """ADana with the Nesterov extra capped at dana_config.clipsnr."""
     return _build_dana(ctx, ADana, clip=True)
 
 
-@register("dana-star")
 def build_dana_star(ctx: OptimizerContext) -> BuiltOptimizer:
     """Dana-Star: ADana with the per-element activity estimate tau, no clip."""
     return _build_dana(ctx, DanaStar, clip=False)
 
 
-@register("dana-star-mk4")
 def build_dana_star_mk4(ctx: OptimizerContext) -> BuiltOptimizer:
     """Dana-Star with the SNR clip: the recommended DANA default for encoders (rare-token rows, kappa robustness)."""
     return _build_dana(ctx, DanaStar, clip=True)
 
 
-@register("adamw-decaying-wd")
 def build_adamw_decaying_wd(ctx: OptimizerContext) -> BuiltOptimizer:
     """The paper's AdamW baseline: optimizer.betas/eps, weight decay omega / wd_ts decaying like 1 / (1 + t/wd_ts)."""
     cfg = ctx.config.dana_config

@@ -50,7 +50,7 @@ from torch.distributed.tensor import DTensor, Shard
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.optim.comm import CommCounter
 from neobert_pt.optim.orthonormal import adjusted_lr_factor, local, local_rows, resolve_mesh
-from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
+from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext
 from neobert_pt.optim.scalar_opts import adamw_step, f32, lion_step
 
 logger = logging.getLogger(__name__)
@@ -479,7 +479,6 @@ def lm_head_lr_scale(scalar_algorithm: str, d_in: int) -> float:
     return 1.0 / math.sqrt(d_in) if scalar_algorithm == "lion" else 1.0
 
 
-@register("dion")
 def build_dion(ctx: OptimizerContext) -> BuiltOptimizer:
     """Dion on the block matrices (fused QKV as one matrix), AdamW/Lion without decay on embeddings (= tied LM head),
     norms, biases and heads; an untied 2-D head gets its own scalar group with upstream's LR rule."""

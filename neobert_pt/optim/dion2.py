@@ -28,7 +28,7 @@ from neobert_pt.optim import dion2_distributed as _dist
 from neobert_pt.optim.orthogonalize import note_eager_fallback, orthogonalize
 from neobert_pt.optim.orthonormal import adjusted_lr_factor, local, resolve_mesh, split_orthogonalize
 from neobert_pt.optim.qk_clip import build_qk_clip
-from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
+from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext
 from neobert_pt.optim.scalar_opts import adamw_step, lion_step
 
 logger = logging.getLogger(__name__)
@@ -301,14 +301,8 @@ def _check_config(ctx: OptimizerContext) -> None:
         raise ConfigError(f"optimizer.dion2_config.fraction={dc.fraction} must be in (0, 1]")
     if dc.ef_decay < 0:
         raise ConfigError(f"optimizer.dion2_config.ef_decay={dc.ef_decay} must be >= 0")
-    if dc.ns_steps != 5:
-        raise ConfigError(
-            f"optimizer.dion2_config.ns_steps={dc.ns_steps}: {dc.orthogonalization} is a fixed 5-step schedule "
-            "in Dion2 (set ns_steps: 5)"
-        )
 
 
-@register("dion2")
 def build_dion2(ctx: OptimizerContext) -> BuiltOptimizer:
     """Dion2 on the block matrices (fused QKV as 3 row blocks), AdamW/Lion without decay on embeddings (= tied LM
     head), norms, biases and heads; QK-clip after each step when ``enable_clipping``."""

@@ -6,56 +6,50 @@ parameter), warmup T/50 from 1% then cosine to 10% of peak, grad-norm clip 0.5. 
 (optimizer, kappa, batch) because the optimum moves with kappa and with tokens per step. Two batch sizes were fitted:
 32 x 2048 = 65,536 tokens/step and 512 x 2048 = 1,048,576; between them the LR is interpolated geometrically in
 log(tokens/step), outside them the nearest fit is used. An MLM encoder is not a decoder LM, so treat the value as the
-centre of a x{0.5, 1, 2} sweep, not as a tuned optimum.
+centre of a x{0.5, 1, 2} sweep, not as a tuned optimum. Each optimizer's fits are part of its catalog entry
+(``lr_fits`` of ``register_optimizer``; the built-in ones are in ``neobert_pt/optim/config.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 
 from torch import nn
 
-from neobert_pt.config.errors import ConfigError
+from neobert_pt.errors import ConfigError
+from neobert_pt.optim.catalog import LARGE_BATCH_TOKENS, SMALL_BATCH_TOKENS, LrFits, optimizer_entries
 from neobert_pt.optim.config import OptimizerConfig
 from neobert_pt.optim.param_groups import group_parameters
 
 logger = logging.getLogger(__name__)
 
-SMALL_BATCH_TOKENS = 32 * 2048
-LARGE_BATCH_TOKENS = 512 * 2048
 
-# (optimizer, kappa or None when kappa plays no role) -> {tokens per step: (a, b, d)}
-_FITS: dict[tuple[str, float | None], dict[int, tuple[float, float, float]]] = {
-    ("adamw", None): {SMALL_BATCH_TOKENS: (12.8, 1.67e4, -0.515), LARGE_BATCH_TOKENS: (16.7, 1.58e7, -0.464)},
-    ("adamw-decaying-wd", None): {SMALL_BATCH_TOKENS: (65.7, 9.83e3, -0.608)},
-    ("adana", 0.75): {SMALL_BATCH_TOKENS: (12.7, 9.55e3, -0.624)},
-    ("adana", 0.80): {SMALL_BATCH_TOKENS: (17.6, 3.66e4, -0.624)},
-    ("adana", 0.85): {SMALL_BATCH_TOKENS: (22.5, 1.22e5, -0.618), LARGE_BATCH_TOKENS: (85.3, 3.04e4, -0.654)},
-    ("adana", 0.90): {SMALL_BATCH_TOKENS: (68.9, 2.95e4, -0.667)},
-    ("dana-mk4", 0.75): {SMALL_BATCH_TOKENS: (56.0, 5.71e3, -0.708)},
-    ("dana-mk4", 0.85): {SMALL_BATCH_TOKENS: (23.0, 1.46e4, -0.627), LARGE_BATCH_TOKENS: (2.47e3, 2.24e7, -0.826)},
-    ("dana-star", 0.75): {SMALL_BATCH_TOKENS: (41.0, 3.03e4, -0.661)},
-    ("dana-star", 0.85): {SMALL_BATCH_TOKENS: (223.0, 2.40e6, -0.724)},
-    ("dana-star-mk4", 0.75): {SMALL_BATCH_TOKENS: (41.0, 3.03e4, -0.661)},
-    ("dana-star-mk4", 0.85): {SMALL_BATCH_TOKENS: (223.0, 2.40e6, -0.724), LARGE_BATCH_TOKENS: (310.0, 1.40e4, -0.701)},
-}
-_KAPPA_FREE = {"adamw", "adamw-decaying-wd"}
+def _lr_fits(optimizer_name: str) -> LrFits:
+    """The catalog's fits of ``optimizer_name``; empty for an optimizer without a rule (or an unknown name)."""
+    entry = next((e for e in optimizer_entries() if e.name == optimizer_name), None)
+    return (entry.lr_fits if entry is not None else None) or {}
 
 
-def _fits_for(optimizer_name: str, kappa: float) -> dict[int, tuple[float, float, float]]:
-    if optimizer_name in _KAPPA_FREE:
-        return _FITS[(optimizer_name, None)]
-    kappas = sorted(k for name, k in _FITS if name == optimizer_name and k is not None)
+def _kappa_free(optimizer_name: str) -> bool:
+    return None in _lr_fits(optimizer_name)
+
+
+def _fits_for(optimizer_name: str, kappa: float) -> Mapping[int, tuple[float, float, float]]:
+    by_kappa = _lr_fits(optimizer_name)
+    if None in by_kappa:
+        return by_kappa[None]
+    kappas = sorted(k for k in by_kappa if k is not None)
     if not kappas:
-        supported = sorted({name for name, _ in _FITS})
+        supported = sorted(e.name for e in optimizer_entries() if e.lr_fits)
         raise ConfigError(
             f"optimizer.lr=auto has no LR rule for optimizer {optimizer_name!r} (rules exist for: "
             f"{', '.join(supported)}); set optimizer.lr to a number, e.g. --optimizer.lr 1e-3."
         )
     for k in kappas:
         if math.isclose(k, kappa, abs_tol=1e-9):
-            return _FITS[(optimizer_name, k)]
+            return by_kappa[k]
     raise ConfigError(
         f"optimizer.lr=auto: {optimizer_name} has LR fits only for kappa in {kappas}, not "
         f"optimizer.dana_config.kappa={kappa}; use one of those kappas or set optimizer.lr to a number."
@@ -105,7 +99,7 @@ def resolve_lr(cfg: OptimizerConfig, model: nn.Module, tokens_per_step: int) -> 
     kappa = cfg.dana_config.kappa
     params = count_non_embedding_params(model)
     lr = suggest_peak_lr(cfg.name, params, kappa=kappa, tokens_per_step=tokens_per_step)
-    kappa_note = "" if cfg.name in _KAPPA_FREE else f" kappa={kappa}"
+    kappa_note = "" if _kappa_free(cfg.name) else f" kappa={kappa}"
     logger.info(
         "optimizer.lr=auto -> %.3g (%s%s, %d non-embedding params, %d tokens/step; DANA-paper decoder-LM fit, "
         "a starting point for a x0.5/x1/x2 sweep)",

@@ -40,7 +40,7 @@ from neobert_pt.optim.orthonormal import (
     split_orthogonalize,
 )
 from neobert_pt.optim.qk_clip import build_qk_clip
-from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext, register
+from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext
 from neobert_pt.optim.scalar_opts import adamw_step, cautious_decay, f32
 
 logger = logging.getLogger(__name__)
@@ -323,7 +323,6 @@ def _muon_settings(ctx: OptimizerContext) -> dict[str, Any]:
     )
 
 
-@register("muonclip")
 def build_muonclip(ctx: OptimizerContext) -> BuiltOptimizer:
     """Muon on the block matrices (fused QKV split into Q, K, V), AdamW without decay on embeddings (= tied LM head),
     norms, biases and heads; QK-clip after each step when ``enable_clipping``."""

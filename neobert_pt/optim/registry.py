@@ -1,14 +1,14 @@
-"""Optimizer registry: ``optimizer.name`` → builder.
+"""Optimizer registry: ``optimizer.name`` → the builder its catalog entry names (``neobert_pt/optim/catalog.py``).
 
-Adding an optimizer is one module with a function decorated ``@register("name")`` plus its import line in
-``neobert_pt/optim/__init__.py``. Every builder has the same signature: it receives an :class:`OptimizerContext`
-(built by the trainer *after* the model is wrapped, so DDP process groups and FSDP2 meshes are known) and returns a
-:class:`BuiltOptimizer`.
+Every builder has the same signature: it receives an :class:`OptimizerContext` (built by the trainer *after* the
+model is wrapped, so DDP process groups and FSDP2 meshes are known) and returns a :class:`BuiltOptimizer`. A builder
+named ``"module:function"`` in the catalog is imported here, when its optimizer is built; the config side never
+imports an optimizer module. Adding an optimizer: docs/optimizers.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from neobert_pt.config.errors import ConfigError
-from neobert_pt.optim.config import OptimizerConfig
+from neobert_pt.errors import ConfigError
+from neobert_pt.optim.catalog import OptimizerEntry, optimizer_entry
 from neobert_pt.optim.param_groups import ParamGroupSpec, describe_groups, group_parameters
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the config section is built once every optimizer is registered: a builder module imports this
+    # module, and may register itself afterwards (docs/optimizers.md), so importing it must not build the section.
+    from neobert_pt.optim.config import OptimizerConfig
     from neobert_pt.optim.qk_clip import QKClip
 
 
@@ -59,34 +61,20 @@ class BuiltOptimizer:
     log_lines: list[str] = field(default_factory=list)
 
 
-Builder = Callable[[OptimizerContext], BuiltOptimizer]
-_REGISTRY: dict[str, Builder] = {}
-
-
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator that registers a builder under ``name`` (must be unique)."""
-
-    def decorator(fn: Builder) -> Builder:
-        if name in _REGISTRY:
-            raise ValueError(f"optimizer {name!r} registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
-
-
-def available_optimizers() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 def build_optimizer(ctx: OptimizerContext) -> BuiltOptimizer:
     """Build the optimizer named by ``ctx.config.name``; unknown names list the valid ones."""
     name = ctx.config.name
-    if name not in _REGISTRY:
-        raise ConfigError(f"optimizer.name={name!r} is not registered; valid: {', '.join(available_optimizers())}")
-    built = _REGISTRY[name](ctx)
+    built = load_builder(optimizer_entry(name))(ctx)
     built.log_lines = [f"optimizer {name}: peak lr {ctx.peak_lr:g}", *describe_groups(ctx.param_groups)] + built.log_lines
     return built
+
+
+def load_builder(entry: OptimizerEntry) -> Any:
+    """The builder function of a catalog entry, importing its module when the entry names it as a string."""
+    if callable(entry.builder):
+        return entry.builder
+    module, _, attr = entry.builder.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def torch_param_groups(ctx: OptimizerContext, weight_decay: float, **extra: Any) -> list[dict[str, Any]]:
@@ -102,7 +90,6 @@ def torch_param_groups(ctx: OptimizerContext, weight_decay: float, **extra: Any)
     ]
 
 
-@register("adamw")
 def build_adamw(ctx: OptimizerContext) -> BuiltOptimizer:
     """torch AdamW; decoupled weight decay on 2-D block weights only."""
     cfg = ctx.config

@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from neobert_pt.config import config_to_dict, save_config
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.config.schema import RunConfig
-from neobert_pt.optim import OptimizerContext, build_optimizer
+from neobert_pt.optim.registry import OptimizerContext, build_optimizer
 from neobert_pt.train import distributed, resume, signals
 from neobert_pt.train import phases as phase_rules
 from neobert_pt.train.budget import resolve_auto

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from neobert_pt.config import load_config
-from neobert_pt.optim import available_optimizers
+from neobert_pt.optim.catalog import available_optimizers
 from neobert_pt.optim.lr_rule import count_non_embedding_params, suggest_peak_lr
 from neobert_pt.train import Trainer
 from neobert_pt.train.summary import read_metrics

@@ -9,9 +9,10 @@ import warnings
 import pytest
 
 from neobert_pt.config import ConfigError, ConfigWarning, RunConfig, config_to_dict, load_config, save_config
-from neobert_pt.config.loader import SUBBLOCK_OPTIMIZERS, parse_overrides
+from neobert_pt.config.loader import parse_overrides
 from neobert_pt.config.tree import leaf_options
 from neobert_pt.config.yamlio import parse_value
+from neobert_pt.optim.catalog import optimizer_entries, optimizer_entry, subblock_users
 
 
 def write(tmp_path, text: str, name: str = "run.yaml") -> str:
@@ -110,7 +111,7 @@ def test_every_leaf_field_is_overridable():
         overrides = ["--" + option.key, text]
         if option.key.startswith("optimizer.") and option.key.count(".") == 2:
             sub = option.key.split(".")[1]
-            overrides += ["--optimizer.name", SUBBLOCK_OPTIMIZERS[sub][0]]
+            overrides += ["--optimizer.name", subblock_users()[sub][0]]
         try:
             cfg = load_quiet(None, overrides)
         except ConfigError as err:  # a cross-field rule may reject the lone change; then it must say so by name
@@ -348,15 +349,16 @@ def test_selected_subblock_does_not_warn(tmp_path):
     assert cfg.optimizer.dana_config.kappa == 0.8
 
 
-def test_every_subblock_is_mapped_to_real_optimizer_names():
+def test_optimizer_section_is_derived_from_the_catalog():
+    """optimizer.name's choices and the sub-block fields are exactly the catalog's names and sub-blocks."""
     hints = typing.get_type_hints(type(RunConfig().optimizer))
     subblocks = {
         f.name for f in dataclasses.fields(type(RunConfig().optimizer)) if dataclasses.is_dataclass(hints[f.name])
     }
-    assert subblocks == set(SUBBLOCK_OPTIMIZERS)
-    names = set(typing.get_args(hints["name"]))
-    for users in SUBBLOCK_OPTIMIZERS.values():
-        assert set(users) <= names
+    assert subblocks == set(subblock_users())
+    assert list(typing.get_args(hints["name"])) == [e.name for e in optimizer_entries()]
+    for block, users in subblock_users().items():
+        assert hints[block] is optimizer_entry(users[0]).config
 
 
 # ---- output --------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neobert_pt.optim import ADana, DanaStar, dana_fused
+from neobert_pt.optim import dana_fused
+from neobert_pt.optim.dana import ADana, DanaStar
 from tests.unit.optim.test_dana_reference import FIXTURE, TOLERANCE  # noqa: F401  (same fixture, same bar)
 
 pytestmark = [pytest.mark.skipif(not dana_fused.compiled_available()[0], reason="torch.compile unavailable"),

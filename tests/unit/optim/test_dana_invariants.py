@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from neobert_pt.optim import AdamWDecayingWD, ADana, DanaStar
+from neobert_pt.optim.dana import AdamWDecayingWD, ADana, DanaStar
 
 F64 = torch.float64
 DANA = {"adana": (ADana, None), "dana-mk4": (ADana, 0.3), "dana-star": (DanaStar, None), "dana-star-mk4": (DanaStar, 0.3)}

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from neobert_pt.optim import AdamWDecayingWD, ADana, DanaStar
+from neobert_pt.optim.dana import AdamWDecayingWD, ADana, DanaStar
 
 VARIANTS = ("adana", "dana-mk4", "dana-star", "dana-star-mk4", "adamw-decaying-wd")
 # float64 with Python-float scalars; float32 implementation (fixture "tolerances").

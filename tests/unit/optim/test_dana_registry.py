@@ -7,15 +7,9 @@ import torch
 
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
-from neobert_pt.optim import (
-    AdamWDecayingWD,
-    ADana,
-    DanaConfig,
-    DanaStar,
-    OptimizerConfig,
-    OptimizerContext,
-    build_optimizer,
-)
+from neobert_pt.optim.config import DanaConfig, OptimizerConfig
+from neobert_pt.optim.dana import AdamWDecayingWD, ADana, DanaStar
+from neobert_pt.optim.registry import OptimizerContext, build_optimizer
 
 EXPECTED = {
     "adana": (ADana, None),

@@ -11,7 +11,9 @@ import torch
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.modeling.configuration_neobert import NeoBERTConfig
 from neobert_pt.modeling.modeling_neobert import NeoBERTForMaskedLM
-from neobert_pt.optim import Dion2, OptimizerConfig, OptimizerContext, build_optimizer
+from neobert_pt.optim.config import Dion2Config, OptimizerConfig
+from neobert_pt.optim.dion2 import Dion2
+from neobert_pt.optim.registry import OptimizerContext, build_optimizer
 
 HAS_UPSTREAM = importlib.util.find_spec("dion") is not None
 
@@ -91,8 +93,10 @@ def test_enable_clipping_returns_qk_clip() -> None:
 
 
 def test_config_errors() -> None:
-    with pytest.raises(ConfigError, match="ns_steps"):
-        _build(ns_steps=3)
+    # ns_steps is refused when the config is built (load time), never accepted and then refused by the builder.
+    with pytest.raises(ConfigError, match=r"ns_steps=3 is invalid: must be 5 \(Dion2's polar_express and newton_schulz"):
+        Dion2Config(ns_steps=3)
+    assert Dion2Config(ns_steps=5).ns_steps == 5
     with pytest.raises(ConfigError, match="fraction"):
         _build(fraction=0.0)
 

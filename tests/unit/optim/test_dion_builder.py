@@ -11,7 +11,9 @@ import torch.distributed as dist
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.modeling.configuration_neobert import NeoBERTConfig
 from neobert_pt.modeling.modeling_neobert import NeoBERTForMaskedLM
-from neobert_pt.optim import Dion, OptimizerConfig, OptimizerContext, build_optimizer
+from neobert_pt.optim.config import OptimizerConfig
+from neobert_pt.optim.dion import Dion
+from neobert_pt.optim.registry import OptimizerContext, build_optimizer
 
 
 def _model(tie: bool = True) -> NeoBERTForMaskedLM:

@@ -6,8 +6,8 @@ import pytest
 from torch import nn
 
 from neobert_pt.config.errors import ConfigError
-from neobert_pt.optim import OptimizerConfig, resolve_lr, suggest_peak_lr
-from neobert_pt.optim.lr_rule import count_non_embedding_params
+from neobert_pt.optim.config import OptimizerConfig
+from neobert_pt.optim.lr_rule import count_non_embedding_params, resolve_lr, suggest_peak_lr
 
 # Spec §3 "Evaluated peak LRs at BERT-like P, batch-32 fit": P -> (adamw, adana .85, dana-mk4 .85, dana-star(-mk4) .85)
 TABLE = {

@@ -234,7 +234,8 @@ def _tiny_mlm() -> nn.Module:
 
 
 def _build(model: nn.Module, **muon_config):
-    from neobert_pt.optim import MuonConfig, OptimizerConfig, OptimizerContext, build_optimizer
+    from neobert_pt.optim.config import MuonConfig, OptimizerConfig
+    from neobert_pt.optim.registry import OptimizerContext, build_optimizer
 
     cfg = OptimizerConfig(
         name="muonclip",
@@ -289,7 +290,7 @@ def test_muonclip_with_clipping_returns_qk_clip() -> None:
 
 def test_muon_config_rejects_ignored_ns_steps() -> None:
     from neobert_pt.config.errors import ConfigError
-    from neobert_pt.optim import MuonConfig
+    from neobert_pt.optim.config import MuonConfig
 
     with pytest.raises(ConfigError, match="ns_steps"):
         MuonConfig(ns_steps=3)

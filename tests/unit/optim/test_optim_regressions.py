@@ -155,8 +155,9 @@ def test_fast_cpu_orthogonalization_is_an_explicit_opt_in() -> None:
     """The config key reaches every matrix group (and the log); off by default. The fast path is a different but
     equally good approximation: close in direction to the exact one, and identical off CPU-only rounding."""
     from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
-    from neobert_pt.optim import Dion2Config, MuonConfig, OptimizerConfig, OptimizerContext, build_optimizer
+    from neobert_pt.optim.config import Dion2Config, MuonConfig, OptimizerConfig
     from neobert_pt.optim.orthogonalize import orthogonalize
+    from neobert_pt.optim.registry import OptimizerContext, build_optimizer
 
     model = NeoBERTForMaskedLM(NeoBERTConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1,
                                              num_attention_heads=4, intermediate_size=64))

@@ -1,4 +1,8 @@
-"""The one helper every config section uses to declare a documented option."""
+"""The one helper every config section uses to declare a documented option.
+
+A leaf module (stdlib only), like ``neobert_pt/errors.py``: the config schema, the optimizer config classes and an
+optimizer's own module all import it without importing each other.
+"""
 
 from __future__ import annotations
 
