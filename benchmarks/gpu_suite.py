@@ -8,7 +8,7 @@ Three sections, all at the 100M recipe (hidden 768, 12 layers, 12 heads, FFN 307
    (``neobert_pt/train/flops.py``), MFU against the device's bf16 dense peak (or ``--peak-tflops``), peak memory.
 2. ``trainer``: training tokens/s through the real trainer (``scripts/pretraining/pretrain.py`` on the embedded
    corpus, no network) for adamw, dion2, dion2 + QK-clip, muonclip, adana, dana-star-mk4, with ratios to AdamW.
-   Needs the data pipeline's packages (``datasets``); without them the section says so and is skipped.
+   The corpus is written as tokenized shards first and read memory-mapped, so ``datasets`` is not needed.
 3. ``optimizer``: milliseconds per ``optimizer.step()`` for the same optimizers (``benchmarks/optimizer_step.py``).
 
 Missing optional packages are notes, never failures: no flash-attn → that backend is skipped; a torch without
@@ -146,13 +146,26 @@ def model_section(args, device: torch.device, peak: float | None) -> list[dict]:
 
 
 def trainer_section(args, device: torch.device) -> tuple[list[dict], str | None]:
-    missing = [m for m in ("datasets",) if importlib.util.find_spec(m) is None]
-    if missing:
-        return [], f"skipped: the trainer's data pipeline needs {', '.join(missing)} (pip install {' '.join(missing)})"
-    ns = argparse.Namespace(config=args.trainer_config, steps=args.trainer_steps, warmup_steps=args.trainer_warmup,
-                            override=list(args.trainer_overrides))
+    """Every optimizer through ``pretrain.py`` on the embedded corpus, read as tokenized shards.
+
+    The shards are written here without ``datasets`` (``neobert_pt/data/prepare.py`` ``prepare_texts``) and the
+    runs read them memory-mapped (``--dataset.name tokenized``), a path that imports neither ``datasets`` nor W&B:
+    the section runs on a bare GPU image. Every variant reads the same shards, tokenized once.
+    """
+    from neobert_pt.config.loader import load_config
+    from neobert_pt.data.prepare import embedded_texts, prepare_texts
+    from neobert_pt.data.tokenizer import build_tokenizer
+
+    run = load_config(args.trainer_config, [*args.trainer_overrides, "--tokenizer.name", "embedded"])
     selects = dict(train_throughput.VARIANTS)
     with tempfile.TemporaryDirectory(prefix="neobert_gpu_suite_") as tmp:
+        shards = Path(tmp) / "tokenized"
+        prepare_texts(embedded_texts(run.dataset.max_documents), build_tokenizer(run), shards,
+                      source={"name": "embedded", "max_documents": run.dataset.max_documents})
+        data = ["--dataset.name", "tokenized", "--dataset.config_name", "null", "--dataset.streaming", "false",
+                "--dataset.data_files", json.dumps([str(shards)]), "--tokenizer.name", str(shards / "tokenizer")]
+        ns = argparse.Namespace(config=args.trainer_config, steps=args.trainer_steps,
+                                warmup_steps=args.trainer_warmup, override=[*args.trainer_overrides, *data])
         rows = [train_throughput.run_variant(label, selects[label], ns, Path(tmp)) for label in args.trainer_optimizers]
     base = next((r["tokens_per_sec"] for r in rows if r["optimizer"] == "adamw" and "tokens_per_sec" in r), None)
     for r in rows:
@@ -193,8 +206,7 @@ def parse(argv: list[str] | None):
     p.add_argument("--out", default=None, help="folder to also write gpu_suite.json and gpu_suite.md into")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat, no compile: structure check only")
     args = p.parse_args(argv)
-    args.trainer_overrides = ["--dataset.name", "embedded", "--tokenizer.name", "embedded",
-                              "--trainer.mixed_precision", "bf16", "--trainer.per_device_train_batch_size", "16"]
+    args.trainer_overrides = ["--trainer.mixed_precision", "bf16", "--trainer.per_device_train_batch_size", "16"]
     if args.smoke:
         args.hidden, args.layers, args.heads, args.intermediate, args.vocab_size = 64, 1, 2, 128, 512
         args.seq_len, args.batch, args.repeats, args.warmup, args.no_compile = 32, 2, 1, 1, True

@@ -9,6 +9,8 @@ Train from the result with ``--dataset.name tokenized --dataset.data_files DIR``
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import multiprocessing
 import os
 import sys
@@ -95,6 +97,36 @@ def prepare(run: RunConfig, output: str | os.PathLike[str], *, num_proc: int = 1
     return write_manifest(out, tokenizer={"fingerprint": fingerprint, "name": run.tokenizer.name,
                                           "vocab_size": len(tokenizer)},
                           source=source, dtype=dtype, shards=[records[i] for i in range(num_shards)])
+
+
+def prepare_texts(texts: list[str], tokenizer: Any, output: str | os.PathLike[str], *, source: dict[str, Any],
+                  docs_per_shard: int = DEFAULT_DOCS_PER_SHARD) -> dict[str, Any]:
+    """Tokenize ``texts`` (already in memory) into the same shard layout as :func:`prepare`; returns the manifest.
+
+    No ``datasets`` import: the GPU suite (``benchmarks/gpu_suite.py``) writes the embedded corpus this way on an
+    image without ``datasets`` and trains from it with ``--dataset.name tokenized``. One process, not resumable:
+    meant for small in-memory corpora. ``source`` is recorded in the manifest as given.
+    """
+    from neobert_pt.data.tokenizer import encode_texts, tokenizer_fingerprint
+
+    out = Path(os.path.expanduser(str(output)))
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(len(tokenizer))
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
+    shards = [write_shard(out, i, encode_texts(tokenizer, texts[start:start + docs_per_shard]), dtype)
+              for i, start in enumerate(range(0, max(1, len(texts)), docs_per_shard))]
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    return write_manifest(out, tokenizer={"fingerprint": fingerprint, "name": tokenizer.name_or_path or "in-memory",
+                                          "vocab_size": len(tokenizer)}, source=source, dtype=dtype, shards=shards)
+
+
+def embedded_texts(max_documents: int | None = None) -> list[str]:
+    """The documents of the embedded corpus (``dataset.name: embedded``) in file order, read without ``datasets``."""
+    from neobert_pt.data.tokenizer import EMBEDDED_CORPUS
+
+    with gzip.open(EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    return texts if max_documents is None else texts[:max_documents]
 
 
 def _load_saved(path: Path) -> Any:

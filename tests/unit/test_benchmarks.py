@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,9 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(script: str, *args: str) -> dict:
+def _run(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
     proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     payload = json.loads(text[: text.index("\n}\n") + 2])  # the JSON document comes first
@@ -103,13 +104,43 @@ def test_gpu_suite_smoke_model_and_optimizer_sections(tmp_path):
     assert "#### model" in (tmp_path / "gpu_suite.md").read_text()
 
 
+# A bare GPU image: these packages are not installed. Setting sys.modules[name] = None makes `import name` fail and
+# importlib.util.find_spec(name) return None, exactly as for a missing package (transformers probes with find_spec).
+_BARE_IMAGE_SITECUSTOMIZE = """\
+import sys
+for _name in ("datasets", "wandb", "flash_attn"):
+    sys.modules[_name] = None
+"""
+
+
+def _bare_image_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Python processes, and their child processes (PYTHONPATH is inherited), lack datasets,
+    wandb and flash-attn: a sitecustomize on PYTHONPATH runs at every interpreter start-up."""
+    site = tmp_path / "bare_image"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BARE_IMAGE_SITECUSTOMIZE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 @pytest.mark.slow
-def test_gpu_suite_smoke_trainer_section():
-    payload = _run("gpu_suite.py", "--sections", "trainer", "--trainer-optimizers", "adamw", "dana-star-mk4")
+def test_gpu_suite_smoke_runs_without_datasets_wandb_or_flash_attn(tmp_path):
+    env = _bare_image_env(tmp_path)
+    for name in ("datasets", "wandb", "flash_attn"):  # the blocker really is active in a child interpreter
+        probe = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=REPO, capture_output=True, text=True,
+                               env=env, timeout=120)
+        assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, (name, probe.stderr[-500:])
+    payload = _run("gpu_suite.py", "--sections", "model", "trainer", "--trainer-optimizers", "adamw", "dana-star-mk4",
+                   env=env)
+    flash = [r for r in payload["model"] if r["attention"] == "flash_attention_2"]
+    assert flash and all(r["note"].startswith("skipped: flash-attn not installed") for r in flash), flash
     rows = {r["optimizer"]: r for r in payload["trainer"]}
     assert set(rows) == {"adamw", "dana-star-mk4"}, payload
     assert all(_finite_positive(r["tokens_per_sec"]) for r in rows.values()), rows
     assert rows["adamw"]["ratio_vs_adamw"] == 1.0
+    assert any(note.startswith("wandb not installed") for note in payload["notes"]), payload["notes"]
+    assert not any("skipped" in note for note in payload["notes"]), payload["notes"]
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ import torch
 from neobert_pt.config.errors import ConfigError
 from neobert_pt.config.loader import load_config
 from neobert_pt.data import DataError, build_data
+from neobert_pt.data.prepare import embedded_texts, prepare, prepare_texts
 from neobert_pt.data.prepare import main as prepare_main
-from neobert_pt.data.prepare import prepare
 from neobert_pt.data.tokenized import MANIFEST, open_tokenized, verify_checksums
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -56,6 +56,17 @@ def test_tokenized_rows_and_batches_equal_the_map_style_path(run, prepared, toke
         assert all(torch.equal(a[k], b[k]) for k in a)
     for a, b in zip(map_style.eval_batches(), tokenized.eval_batches(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prepare_texts_writes_the_same_shards_as_prepare_without_datasets(run, prepared, tokenizer, tmp_path):
+    """The GPU suite's path (embedded corpus read with gzip/json, no `datasets`) gives the same tokens and documents."""
+    out, manifest = prepared
+    again = prepare_texts(embedded_texts(), tokenizer, tmp_path / "texts", source={"name": "embedded"},
+                          docs_per_shard=40)
+    assert again["tokenizer"]["fingerprint"] == manifest["tokenizer"]["fingerprint"]
+    assert [(s["tokens"], s["documents"], s["sha256"]) for s in again["shards"]] == \
+        [(s["tokens"], s["documents"], s["sha256"]) for s in manifest["shards"]]
+    assert verify_checksums(tmp_path / "texts") == [] and len(embedded_texts(7)) == 7
 
 
 def test_interrupted_prepare_resumes_and_never_shows_a_half_shard(run, tmp_path, prepared):
