@@ -29,7 +29,7 @@ from neobert_pt.optim.orthogonalize import note_eager_fallback, orthogonalize
 from neobert_pt.optim.orthonormal import adjusted_lr_factor, local, resolve_mesh, split_orthogonalize
 from neobert_pt.optim.qk_clip import build_qk_clip
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext
-from neobert_pt.optim.scalar_opts import adamw_step, lion_step
+from neobert_pt.optim.scalar_opts import adamw_step, lion_step, restore_step_counter
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +162,7 @@ class Dion2(torch.optim.Optimizer):
             if group["algorithm"] != "adamw":
                 continue
             for p in group["params"]:
-                state = self.state[p]
-                device = local(p).device
-                step = state.get("step_dev")
-                if step is None:
-                    state["step_dev"] = torch.tensor(float(group["step"]), dtype=torch.float32, device=device)
-                else:
-                    state["step_dev"] = step.to(dtype=torch.float32, device=device)
+                restore_step_counter(self.state[p], "step_dev", local(p).device, group["step"])
 
     # ------------------------------------------------------------------------------------------------- step
     @torch.no_grad()

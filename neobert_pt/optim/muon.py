@@ -41,7 +41,7 @@ from neobert_pt.optim.orthonormal import (
 )
 from neobert_pt.optim.qk_clip import build_qk_clip
 from neobert_pt.optim.registry import BuiltOptimizer, OptimizerContext
-from neobert_pt.optim.scalar_opts import adamw_step, cautious_decay, f32
+from neobert_pt.optim.scalar_opts import adamw_step, cautious_decay, f32, restore_step_counter
 
 logger = logging.getLogger(__name__)
 
@@ -180,20 +180,14 @@ class Muon(torch.optim.Optimizer):
             state.setdefault("step", torch.zeros((), dtype=torch.float32, device=local(p).device))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep each AdamW step counter an fp32 tensor on its param's device (torch casts floating state to the
-        param dtype; a bf16 counter would stop at 256). A checkpoint from before per-parameter counters gets the
-        group's step count."""
+        """Keep each AdamW step counter an fp32 tensor on its param's device; a checkpoint from before
+        per-parameter counters gets the group's step count (``scalar_opts.restore_step_counter``)."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             if group["algorithm"] != "adamw":
                 continue
             for p in group["params"]:
-                state, device = self.state[p], local(p).device
-                step = state.get("step")
-                if step is None:
-                    state["step"] = torch.full((), float(group["step"]), dtype=torch.float32, device=device)
-                else:
-                    state["step"] = step.to(dtype=torch.float32, device=device)
+                restore_step_counter(self.state[p], "step", local(p).device, group["step"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

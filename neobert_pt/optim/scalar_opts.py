@@ -28,6 +28,14 @@ def f32(value: float, device: torch.device | str = "cpu") -> Tensor:
     return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
+def restore_step_counter(state: dict[str, Tensor], key: str, device: torch.device, group_step: int) -> None:
+    """After ``load_state_dict``: keep a per-parameter AdamW step counter ``state[key]`` an fp32 0-d tensor on
+    ``device`` (torch casts floating state to the param dtype; a bf16 counter would stop at 256). A checkpoint
+    without one (saved before per-parameter counters) gets the group's step count."""
+    step = state.get(key)
+    state[key] = f32(group_step, device) if step is None else step.to(dtype=torch.float32, device=device)
+
+
 def adamw_step(
     params: list[Tensor],
     grads: list[Tensor],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neobert_pt.optim.scalar_opts import adamw_step
+from neobert_pt.optim.scalar_opts import adamw_step, restore_step_counter
 
 HYPER = dict(beta1=0.9, beta2=0.95, weight_decay=0.1, eps=1e-8)
 
@@ -54,3 +54,12 @@ def test_the_two_lr_forms_round_differently() -> None:
         adamw_step(*b, [torch.zeros(()) for _ in b[0]], lr=0.0137 + seed * 1e-3, tensor_lr=False, **HYPER)
         differs |= not all(torch.equal(x, y) for x, y in zip(a[0], b[0], strict=True))
     assert differs
+
+
+def test_restore_step_counter_keeps_fp32_and_fills_a_missing_one() -> None:
+    state = {"step": torch.tensor(300.0).bfloat16(), "other": torch.zeros(2)}
+    restore_step_counter(state, "step", torch.device("cpu"), group_step=7)
+    assert state["step"].dtype == torch.float32 and state["step"].item() == 300.0
+    empty: dict[str, torch.Tensor] = {}
+    restore_step_counter(empty, "step_dev", torch.device("cpu"), group_step=7)
+    assert empty["step_dev"].dtype == torch.float32 and empty["step_dev"].shape == () and empty["step_dev"].item() == 7
