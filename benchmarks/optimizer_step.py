@@ -90,9 +90,10 @@ def measure(width: int, args, device: torch.device, names: list[str]) -> list[di
         if built.qk_clip is not None:
             clip, times = built.qk_clip, []
             for i in range(args.warmup + args.repeats):
-                assert clip.wants_observation(i + 1, logging=True)
-                with torch.no_grad(), clip.observing(True):
-                    model(**batch)
+                forward_kwargs = clip.begin_step(i + 1, logging=True)
+                assert clip.is_clip_step(i + 1)  # timed: the post-update replay and clip
+                with torch.no_grad():
+                    clip.record(batch, model(**batch, **forward_kwargs))
                 synchronize(device)
                 start = time.perf_counter()
                 clip.after_step(i + 1)

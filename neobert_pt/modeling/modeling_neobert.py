@@ -3,7 +3,8 @@
 References: NeoBERT (Le Breton et al., 2025, arXiv:2502.19587); RoPE (Su et al., 2021); SwiGLU (Shazeer, 2020).
 
 Reads top to bottom: norms and rotary helpers → packing layout (masks / varlen metadata, built once per forward) →
-attention backends (plain functions in one dict) → attention → MLP → layer → PreTrainedModel → base model → heads.
+the QK-logit statistic (QK-clip's measurement) → attention backends (plain functions in one dict) → attention → MLP →
+layer → PreTrainedModel → base model → heads.
 
 Packed rows: ``document_ids (B, T)`` gives each token's document index within its row (-1 = padding).
 Attention is block-diagonal per document, so a packed row's outputs equal each document run alone (positions
@@ -109,22 +110,22 @@ class NeoBERTAttentionLayout:
 
     ``mask``: (B, 1, T, T) bool for sdpa/eager, True = may attend; padding queries attend only to themselves so
     no softmax row is empty (their outputs are irrelevant but finite). None = every pair allowed (fast path).
-    ``allowed``: the exact contract mask for observers (padding queries attend nothing); built only when a
-    ``qk_observer`` is installed.
+    ``document_ids``: (B, T) long, the document index of each token (-1 = padding), or None when every pair is
+    allowed; the QK-logit statistic derives its allowed pairs from it chunk by chunk (no dense mask is kept for it).
     ``indices``/``cu_seqlens``/``max_seqlen``: varlen metadata for ``flash_attention_2`` / ``varlen`` (flat index
     of every real token in the (B*T) grid, cumulative document lengths, longest document).
     ``unpadded``: the layers run on the unpadded stream: the model gathers the real tokens ONCE into a
     (1, total_tokens, H) "row" before the first layer and re-pads ONCE after the final norm (:func:`unpad` /
-    :func:`repad`), so q/k/v reach the varlen kernel already flat. False on the varlen path only while the exact
-    ``allowed`` mask is wanted (QK-clip measuring forwards): the layers then keep the (B, T) grid (the measurement
-    is per row, its logit tile stays (T, T) rather than (total_tokens, total_tokens)) and the backend gathers and
-    scatters q/k/v around the kernel with the same ``indices``.
+    :func:`repad`), so q/k/v reach the varlen kernel already flat. False on the varlen path only when the layers
+    measure QK logits (``output_qk_logits``, QK-clip): the layers then keep the (B, T) grid (the measurement is per
+    row, its logit tile stays (T, T) rather than (total_tokens, total_tokens)) and the backend gathers and scatters
+    q/k/v around the kernel with the same ``indices``.
     ``padded_shape``: (B, T) of the grid the stream came from (for :func:`repad`).
     ``block_mask``: flex_attention's block-sparse document mask (no dense (T, T) mask is kept).
     """
 
     mask: torch.Tensor | None = None
-    allowed: torch.Tensor | None = None
+    document_ids: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
@@ -219,29 +220,29 @@ def _document_block_mask(document_ids: torch.Tensor) -> object:
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "varlen")
 
 
-def build_layout(document_ids: torch.Tensor | None, implementation: str, with_allowed: bool,
+def build_layout(document_ids: torch.Tensor | None, implementation: str, keep_grid: bool = False,
                  sizes: tuple[int, int, int] | None = None) -> NeoBERTAttentionLayout:
-    """Masks / varlen metadata for one forward. Documents must be contiguous within a row (the packer's layout)."""
-    layout = NeoBERTAttentionLayout()
+    """Masks / varlen metadata for one forward. Documents must be contiguous within a row (the packer's layout).
+
+    ``keep_grid``: the layers keep the (B, T) grid on the varlen backends too (``layout.unpadded`` False), as the
+    per-row QK-logit measurement needs."""
+    layout = NeoBERTAttentionLayout(document_ids=document_ids)
     if document_ids is None:
         return layout
     real = document_ids >= 0  # (B, T)
     sparse = implementation in (*VARLEN_IMPLEMENTATIONS, "flex_attention")  # no dense mask for the kernel
     if implementation in VARLEN_IMPLEMENTATIONS:
         _varlen_metadata(document_ids, layout, sizes)
-        layout.unpadded = not with_allowed
+        layout.unpadded = not keep_grid
         layout.padded_shape = (document_ids.shape[0], document_ids.shape[1])
     if implementation == "flex_attention":
         layout.block_mask = _document_block_mask(document_ids)
-    if sparse and not with_allowed:
+    if sparse:
         return layout
     # (B, T, T): same document and a real key
     allowed = (document_ids[:, :, None] == document_ids[:, None, :]) & real[:, None, :]
-    if not sparse:
-        eye = torch.eye(document_ids.shape[1], dtype=torch.bool, device=document_ids.device)
-        layout.mask = (allowed | (eye & ~real[:, :, None]))[:, None]
-    if with_allowed:
-        layout.allowed = (allowed & real[:, :, None])[:, None]
+    eye = torch.eye(document_ids.shape[1], dtype=torch.bool, device=document_ids.device)
+    layout.mask = (allowed | (eye & ~real[:, :, None]))[:, None]
     return layout
 
 
@@ -255,6 +256,46 @@ def repad(x: torch.Tensor, layout: NeoBERTAttentionLayout) -> torch.Tensor:
     b, t = layout.padded_shape
     full = x.new_zeros(b * t, *x.shape[2:]).index_copy(0, layout.indices, x[0])
     return full.view(b, t, *x.shape[2:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# QK-logit statistic: per row and head, the largest pre-softmax logit over the pairs that may attend (QK-clip)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Upper bound on the elements of one (B, nH, chunk, T) logit tile: 2**25 fp32 = 128 MiB.
+QK_LOGIT_CHUNK_ELEMENTS = 2**25
+
+
+@torch.compiler.disable  # a measurement beside the attention: kept out of compiled blocks (no graph growth)
+@torch.no_grad()
+def max_qk_logit_per_row(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    document_ids: torch.Tensor | None,
+    *,
+    scale: float,
+    chunk_elements: int = QK_LOGIT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """(B, nH) fp32: per row and head, the max of ``scale · q·kᵀ`` over allowed (query, key) pairs; ``-inf`` for a
+    row with none.
+
+    ``query, key: (B, nH, T, d)`` after RoPE. A pair is allowed when both tokens are real (``document_ids ≥ 0``) and
+    in the same document; ``document_ids`` None allows every pair. Queries are processed in chunks, so neither the
+    logit tile nor its mask tile ever exceeds ``chunk_elements`` elements and no (B, 1, T, T) mask is built; the
+    result does not depend on the chunk size (a max is exact). Computed in fp32 whatever the input dtype.
+    """
+    b, nh, t, _ = query.shape
+    q, k_t = query.float(), key.float().transpose(-1, -2)  # k_t (B, nH, d, T)
+    chunk = max(1, min(t, chunk_elements // max(1, b * nh * t)))
+    best = torch.full((b, nh), float("-inf"), dtype=torch.float32, device=q.device)
+    for start in range(0, t, chunk):
+        logits = torch.matmul(q[:, :, start : start + chunk], k_t) * scale  # (B, nH, c, T)
+        if document_ids is not None:
+            rows = document_ids[:, start : start + chunk, None]  # (B, c, 1)
+            allowed = (rows == document_ids[:, None, :]) & (rows >= 0) & (document_ids[:, None, :] >= 0)  # (B, c, T)
+            logits = torch.where(allowed[:, None], logits, float("-inf"))
+        best = torch.maximum(best, logits.amax(dim=(-1, -2)))
+    return best
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -456,8 +497,7 @@ class NeoBERTAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection.
 
     ``qkv.weight`` rows are ``[Q heads | K heads | V heads]``, each head ``head_dim`` consecutive rows, so QK-clip
-    can scale one head's W_q / W_k rows in place. ``qk_observer(module, q, k, allowed)``, when set, sees q and k
-    after RoPE and before the 1/sqrt(d) scale.
+    can scale one head's W_q / W_k rows in place.
     """
 
     def __init__(self, config: NeoBERTConfig, layer_idx: int) -> None:
@@ -469,7 +509,6 @@ class NeoBERTAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.qk_observer: Callable[..., None] | None = None
 
     def forward(
         self,
@@ -477,21 +516,35 @@ class NeoBERTAttention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor],
         layout: NeoBERTAttentionLayout,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        output_qk_logits: bool = False,
+        measure_qk_logits: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(output (B, T, H), attention weights or None, qk_logits (B, nH) or None)``.
+
+        ``output_qk_logits``: also return :func:`max_qk_logit_per_row` of this forward's q and k (after RoPE).
+        ``measure_qk_logits``: compute q, k and that statistic only and return ``(None, None, qk_logits)``: the
+        attention itself is skipped (QK-clip's post-update measurement).
+        """
         b, t, _ = hidden_states.shape
         # (B, T, 3H) → (B, T, 3, nH, d) → three (B, nH, T, d)
         qkv = self.qkv(hidden_states).view(b, t, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         cos, sin = rotary
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        if self.qk_observer is not None:
-            self.qk_observer(self, query, key, layout.allowed)
+        qk_logits = None
+        if output_qk_logits or measure_qk_logits:
+            if layout.unpadded:
+                raise ValueError("NeoBERTAttention: QK logits are measured per row and need the (B, T) grid; build the "
+                                 "layout with output_qk_logits=True (NeoBERTModel.layer_inputs / forward)")
+            qk_logits = max_qk_logit_per_row(query, key, layout.document_ids, scale=self.scale)
+            if measure_qk_logits:
+                return None, None, qk_logits
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attn_fn = NEOBERT_ATTENTION_FUNCTIONS[implementation]
         out, weights = attn_fn(
             self, query, key, value, layout, dropout=0.0, scale=self.scale, output_attentions=output_attentions
         )
-        return self.out_proj(out.reshape(b, t, -1)), weights
+        return self.out_proj(out.reshape(b, t, -1)), weights, qk_logits
 
 
 class NeoBERTMLP(nn.Module):
@@ -529,16 +582,46 @@ class NeoBERTLayer(GradientCheckpointingLayer):
         rotary: tuple[torch.Tensor, torch.Tensor],
         layout: NeoBERTAttentionLayout,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_out, weights = self.attention(self.attention_norm(hidden_states), rotary, layout, output_attentions)
+        output_qk_logits: bool = False,
+        measure_qk_logits: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(hidden_states (B, T, H), attention weights or None, qk_logits (B, nH) or None)``.
+
+        ``qk_logits`` (with ``output_qk_logits``): per row and head, this layer's max pre-softmax logit over allowed
+        pairs (:func:`max_qk_logit_per_row`). ``measure_qk_logits``: return ``(None, None, qk_logits)`` as soon as
+        q and k are measured, without the attention or the MLP. Call the layer as a module (``layer(...)``) so that
+        wrappers' hooks run (FSDP2 gathers the layer's parameters around the call).
+        """
+        attn_out, weights, qk_logits = self.attention(
+            self.attention_norm(hidden_states), rotary, layout, output_attentions,
+            output_qk_logits=output_qk_logits, measure_qk_logits=measure_qk_logits,
+        )
+        if measure_qk_logits:
+            return None, None, qk_logits
         hidden_states = hidden_states + self.dropout(attn_out)
         hidden_states = hidden_states + self.dropout(self.ffn(self.ffn_norm(hidden_states)))
-        return hidden_states, weights
+        return hidden_states, weights, qk_logits
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NeoBERTModelOutput(BaseModelOutput):
+    """``BaseModelOutput`` plus ``qk_logits``: with ``output_qk_logits=True``, one ``(B, nH)`` fp32 tensor per layer,
+    each row's and head's max pre-softmax logit ``q·k/√d`` (after RoPE) over the pairs that may attend (same
+    document, no padding); ``-inf`` for a row without any. QK-clip's logging statistic."""
+
+    qk_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class NeoBERTMaskedLMOutput(MaskedLMOutput):
+    """``MaskedLMOutput`` plus ``qk_logits`` (see :class:`NeoBERTModelOutput`)."""
+
+    qk_logits: tuple[torch.Tensor, ...] | None = None
 
 
 _AUTO_MAP = {
@@ -610,6 +693,51 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings = value
 
+    def _embed_and_layout(
+        self, input_ids, attention_mask, position_ids, document_ids, inputs_embeds, varlen_sizes, output_attentions,
+        keep_grid: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, NeoBERTAttentionLayout]:
+        """The embedded (B, T, H) grid, its position ids and the layout every layer shares."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("NeoBERTModel: pass exactly one of input_ids or inputs_embeds")
+        hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = hidden_states.shape[:2]
+        document_ids = combine_document_ids(attention_mask, document_ids, hidden_states.device)
+        if position_ids is None:
+            if document_ids is None:
+                position_ids = torch.arange(t, device=hidden_states.device).expand(b, t)
+            else:
+                position_ids = positions_from_documents(document_ids)
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        layout = build_layout(document_ids, implementation, keep_grid=keep_grid, sizes=varlen_sizes)
+        return hidden_states, position_ids, layout
+
+    def layer_inputs(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        varlen_sizes: tuple[int, int, int] | None = None,
+        output_attentions: bool = False,
+        output_qk_logits: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], NeoBERTAttentionLayout]:
+        """What ``forward`` hands the first layer: ``(hidden_states, rotary, layout)``.
+
+        Every layer takes ``layer(hidden_states, rotary, layout, ...)`` with the same ``rotary`` and ``layout``, and
+        its first output is the next layer's ``hidden_states``. ``output_qk_logits``: the layers will be asked for
+        QK logits (the layout keeps the (B, T) grid). QK-clip's replay starts here (it calls this method directly, so
+        under FSDP2 it gathers the embedding's parameters itself).
+        """
+        hidden_states, position_ids, layout = self._embed_and_layout(
+            input_ids, attention_mask, position_ids, document_ids, inputs_embeds, varlen_sizes, output_attentions,
+            keep_grid=output_qk_logits,
+        )
+        if layout.unpadded:
+            hidden_states, position_ids = unpad(hidden_states, layout), unpad(position_ids, layout)
+        return hidden_states, self.rotary_emb(position_ids), layout
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -621,30 +749,23 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         varlen_sizes: tuple[int, int, int] | None = None,
+        output_qk_logits: bool = False,
         **kwargs,
-    ) -> BaseModelOutput | tuple:
+    ) -> NeoBERTModelOutput | tuple:
         """``varlen_sizes``: optional host-computed (real tokens, documents, longest document), see
         :func:`varlen_sizes`; with it the varlen backends build their metadata without a device sync. On those
-        backends padding positions of ``last_hidden_state`` / ``hidden_states`` are zeros (never computed)."""
+        backends padding positions of ``last_hidden_state`` / ``hidden_states`` are zeros (never computed).
+        ``output_qk_logits``: also return each layer's per-row, per-head max pre-softmax logit (``qk_logits``, see
+        :class:`NeoBERTModelOutput`), measured on this forward's own q and k (the layers keep the (B, T) grid)."""
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("NeoBERTModel: pass exactly one of input_ids or inputs_embeds")
-        hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        b, t = hidden_states.shape[:2]
-
-        document_ids = combine_document_ids(attention_mask, document_ids, hidden_states.device)
-        if position_ids is None:
-            if document_ids is None:
-                position_ids = torch.arange(t, device=hidden_states.device).expand(b, t)
-            else:
-                position_ids = positions_from_documents(document_ids)
-        implementation = "eager" if output_attentions else self.config._attn_implementation
-        observed = any(layer.attention.qk_observer is not None for layer in self.layers)
-        layout = build_layout(document_ids, implementation, with_allowed=observed, sizes=varlen_sizes)
+        hidden_states, position_ids, layout = self._embed_and_layout(
+            input_ids, attention_mask, position_ids, document_ids, inputs_embeds, varlen_sizes, output_attentions,
+            keep_grid=output_qk_logits,
+        )
 
         def padded(x: torch.Tensor) -> torch.Tensor:
             return repad(x, layout) if layout.unpadded else x
@@ -655,19 +776,26 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
         rotary = self.rotary_emb(position_ids)
 
         all_attn = () if output_attentions else None
+        all_qk = () if output_qk_logits else None
         for layer in self.layers:
-            hidden_states, weights = layer(hidden_states, rotary, layout, output_attentions)
+            hidden_states, weights, qk_logits = layer(
+                hidden_states, rotary, layout, output_attentions, output_qk_logits=output_qk_logits
+            )
             if output_hidden_states:
                 all_hidden += (padded(hidden_states),)
             if output_attentions:
                 all_attn += (weights,)
+            if output_qk_logits:
+                all_qk += (qk_logits,)
         hidden_states = padded(self.final_norm(hidden_states))
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden_states,)
 
         if not return_dict:
-            return tuple(v for v in (hidden_states, all_hidden, all_attn) if v is not None)
-        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn)
+            return tuple(v for v in (hidden_states, all_hidden, all_attn, all_qk) if v is not None)
+        return NeoBERTModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn, qk_logits=all_qk
+        )
 
 
 class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
@@ -701,14 +829,16 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_qk_logits: bool = False,
         **kwargs,
-    ) -> MaskedLMOutput | tuple:
+    ) -> NeoBERTMaskedLMOutput | tuple:
         """MLM forward. Loss = sum of token CE / ``num_items_in_batch`` when given, else the mean over labels.
 
         With ``config.masked_logits_only`` and labels, ``logits`` is ``(num_masked, V)`` in the order of
         ``labels.flatten() != -100``; otherwise ``(B, T, V)``. ``masked_positions`` (optional) are those flat
         indices, ascending, computed on the host (the collator does): selecting with them needs no device->host sync,
         where the boolean selection must read the number of masked tokens back from the device.
+        ``output_qk_logits``: also return the encoder's ``qk_logits`` (see :class:`NeoBERTModelOutput`).
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
@@ -721,6 +851,7 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             varlen_sizes=varlen_sizes,
+            output_qk_logits=output_qk_logits,
         )
         hidden = outputs.last_hidden_state  # (B, T, H)
         loss = None
@@ -743,10 +874,11 @@ class NeoBERTForMaskedLM(NeoBERTPreTrainedModel):
             loss = token_loss_sum / num_items_in_batch
 
         if not return_dict:
-            rest = (logits, outputs.hidden_states, outputs.attentions)
+            rest = (logits, outputs.hidden_states, outputs.attentions, outputs.qk_logits)
             return tuple(v for v in ((loss,) if loss is not None else ()) + rest if v is not None)
-        return MaskedLMOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        return NeoBERTMaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            qk_logits=outputs.qk_logits,
         )
 
 
@@ -877,4 +1009,7 @@ __all__ = [
     "NeoBERTAttention",
     "NeoBERTMLP",
     "NEOBERT_ATTENTION_FUNCTIONS",
+    "NeoBERTModelOutput",
+    "NeoBERTMaskedLMOutput",
+    "max_qk_logit_per_row",
 ]

@@ -4,28 +4,36 @@ After an optimizer step, each head h with statistic ``s_h > τ`` gets ``η_h = �
 ``η_h**α`` and its W_k rows by ``η_h**(1-α)``, so every logit of that head scales by exactly ``η_h``. Values,
 output projections and optimizer state are never touched, and heads with ``s_h ≤ τ`` are left bit-for-bit alone.
 
+QK-clip is a trainer step hook over the model's QK-logit API (modeling_neobert.py): ``model(...,
+output_qk_logits=True)`` returns each layer's per-row, per-head max pre-softmax logit, and
+``layer(hidden, rotary, layout, measure_qk_logits=True)`` returns just that statistic for one layer (a plain early
+return, no attention or MLP). Nothing in the model is patched; every layer is called as a module, so FSDP2's hooks
+gather and free its parameters.
+
 Decisions (evidence in docs/optimizers.md, section QK-clip):
 
-* **Statistic measured after the update, by a layer-by-layer replay.** On clip steps the token ids (or the first
-  layer's input) of every micro-batch are captured during the step's forward passes; ``after_step`` re-embeds them
-  with the *updated* weights and replays the layers in order: layer l's q, k (after RoPE, exactly as the model
-  computes them; the measuring pass stops inside ``qk_observer``) are measured on the output of the already-clipped
-  layers < l, layer l is clipped, and its output feeds layer l+1. So a forward pass on that batch after the step has
-  every head's max logit ≤ τ (eval mode). Cost per clip step: one no-grad encoder forward over the step's batch plus
-  one extra QKV projection and a query-chunked T×T logit max per layer. Logging-only steps measure the cheaper
-  forward-pass statistic (pre-update weights) instead.
+* **Statistic measured after the update, by a layer-by-layer replay.** On clip steps the model inputs of every
+  micro-batch are recorded; ``after_step`` rebuilds the first layer's input with the *updated* embedding
+  (``layer_inputs``) and replays the layers in order: layer l's statistic (``measure_qk_logits``, the model's own q,
+  k after RoPE) is measured on the output of the already-clipped layers < l, layer l is clipped, and its output
+  feeds layer l+1. So a forward pass on that batch after the step has every head's max logit ≤ τ (eval mode). Cost
+  per clip step: one no-grad encoder forward over the step's batch plus one extra QKV projection and a
+  query-chunked T×T logit max per layer. Logging-only steps measure the cheaper forward-pass statistic (pre-update
+  weights, ``output_qk_logits``) instead.
 * **Reduced across ranks before any weight moves.** Per layer, one ``all_reduce(MAX)`` (plus a ``SUM`` of row
-  maxima and row counts for ``statistic="mean"``) gives every rank the same factors, so DDP replicas stay bit-identical and FSDP2
-  ranks scale their own ``Shard(0)`` rows with the global row→head map (heads straddling shards included).
+  maxima and row counts for ``statistic="mean"``) gives every rank the same factors, so DDP replicas stay
+  bit-identical and FSDP2 ranks scale their own ``Shard(0)`` rows with the global row→head map (heads straddling
+  shards included).
 * **Rank-symmetric collectives.** Whether ``after_step`` communicates depends only on ``(step, logging)``, never on
-  what a rank captured; steps that did not observe issue no collective at all.
+  what a rank recorded; steps that did not observe issue no collective at all.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +45,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from neobert_pt.optim.config import QKClipSettings
 
 STATISTICS = ("max", "mean")
-# Upper bound on elements of one (B, nH, chunk, T) logit tile: 2**25 fp32 = 128 MiB.
-DEFAULT_CHUNK_ELEMENTS = 2**25
 
 
 def is_clip_step(step: int, *, interval: int, warmup_steps: int) -> bool:
@@ -56,36 +62,6 @@ def row_shard_range(num_rows: int, world_size: int, rank: int) -> tuple[int, int
     return start, min(start + chunk, num_rows)
 
 
-@torch.no_grad()
-def max_logit_per_row(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    allowed: torch.Tensor | None,
-    *,
-    scale: float,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> torch.Tensor:
-    """Per (row, head) maximum of ``scale · q·kᵀ`` over allowed (query, key) pairs; ``-inf`` where none is allowed.
-
-    ``q, k: (B, nH, T, d)``; ``allowed: (B, 1, T, T)`` bool or None (all pairs). Queries are processed in chunks so
-    the logit tile never exceeds ``chunk_elements`` elements. Computed in fp32 whatever the input dtype.
-    """
-    b, nh, t, _ = q.shape
-    q, k_t = q.float(), k.float().transpose(-1, -2)  # k_t (B, nH, d, T)
-    chunk = max(1, min(t, chunk_elements // max(1, b * nh * t)))
-    best = torch.full((b, nh), float("-inf"), dtype=torch.float32, device=q.device)
-    for start in range(0, t, chunk):
-        logits = torch.matmul(q[:, :, start : start + chunk], k_t) * scale  # (B, nH, c, T)
-        if allowed is not None:
-            logits = torch.where(allowed[:, :, start : start + chunk], logits, float("-inf"))
-        best = torch.maximum(best, logits.amax(dim=(-1, -2)))
-    return best
-
-
-class _StopAttention(Exception):
-    """Raised by the replay observer once q and k are measured: the rest of the attention is not needed."""
-
-
 @dataclass
 class _Plan:
     step: int
@@ -95,20 +71,22 @@ class _Plan:
 class QKClip:
     """Per-head QK-clip shared by MuonClip and Dion2; works single-process, under DDP and on FSDP2 row shards.
 
-    Trainer protocol, once per optimizer step (``step`` = the trainer's optimizer-step count, identical in both
-    calls)::
+    A trainer step hook, once per optimizer step (``step`` = the trainer's optimizer-step count, identical in every
+    call)::
 
-        observe = qk_clip.wants_observation(step, logging)   # same answer on every rank
+        forward_kwargs = qk_clip.begin_step(step, logging)   # same on every rank: {} or {"output_qk_logits": True}
         for micro_batch in window:
-            with qk_clip.observing(observe):
-                loss = model(**micro_batch).loss; backward(loss)
+            out = model(**micro_batch, **forward_kwargs); backward(out.loss)
+            qk_clip.record(micro_batch, out)                 # no-op on steps that do not observe
         optimizer.step()
         metrics = qk_clip.after_step(step)                   # every rank; {} when nothing was observed
 
     Args:
-        model: the unwrapped model (possibly FSDP2-sharded in place). Its attention modules expose ``qkv`` and
-            ``qk_observer``; each sits directly in a layer whose ``forward(hidden_states, *rest)`` returns the next
-            layer's ``hidden_states`` (first element of a tuple) with the same ``rest`` (NeoBERT's layer stack).
+        model: the unwrapped model (possibly FSDP2-sharded in place). It, or its ``base_model``, is an encoder with
+            ``layers`` (each with ``attention.qkv``, rows ``[Q heads | K heads | V heads]``) and ``layer_inputs(**
+            model inputs) -> (hidden, rotary, layout)``; each layer is called as ``layer(hidden, rotary, layout,
+            measure_qk_logits=True) -> (None, None, (B, nH) logits)`` and ``layer(hidden, rotary, layout)[0]`` is the
+            next layer's input; the forward accepts ``output_qk_logits`` (NeoBERT's QK-logit API).
         threshold: τ, the cap on the per-head max logit ``q·k/√d``.
         alpha: share of the factor put on W_q (``η**alpha``); W_k gets ``η**(1 - alpha)``.
         interval, warmup_steps: clip schedule, see :func:`is_clip_step`.
@@ -117,7 +95,6 @@ class QKClip:
         process_group: group over which data-parallel ranks reduce the statistic: a ``ProcessGroup`` (DDP), a 1-D
             ``DeviceMesh`` (FSDP2), or None: the qkv DTensor's mesh when sharded, else WORLD when
             torch.distributed is initialised with more than one rank, else no reduction.
-        chunk_elements: size cap of one logit tile (memory knob; results do not depend on it).
     """
 
     def __init__(
@@ -130,7 +107,6 @@ class QKClip:
         warmup_steps: int,
         statistic: str = "max",
         process_group: Any = None,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         if not threshold > 0:
             raise ValueError(f"QKClip threshold must be > 0, got {threshold}")
@@ -147,33 +123,31 @@ class QKClip:
         self.interval = int(interval)
         self.warmup_steps = int(warmup_steps)
         self.statistic = statistic
-        self.chunk_elements = int(chunk_elements)
-        self.layers, self.attentions = _find_attention_layers(model)
-        get_embeddings = getattr(model, "get_input_embeddings", None)
-        embedding = get_embeddings() if callable(get_embeddings) else None
-        self.embedding = embedding if isinstance(embedding, nn.Module) else None
-        self._layer_of = {m: i for i, m in enumerate(self.attentions)}
-        config = getattr(model, "config", None)
-        first = self.attentions[0]
-        self.num_heads = int(getattr(first, "num_heads", None) or config.num_attention_heads)
-        self.head_dim = int(getattr(first, "head_dim", None) or config.hidden_size // self.num_heads)
-        for attn in self.attentions:
-            rows = attn.qkv.weight.shape[0]
+        self.encoder = _find_encoder(model)
+        self.layers = list(self.encoder.layers)
+        # The model inputs that rebuild the first layer's input (the rest of a micro-batch, labels etc., is not kept).
+        flags = {"output_attentions", "output_qk_logits"}
+        self._input_keys = tuple(k for k in inspect.signature(self.encoder.layer_inputs).parameters if k not in flags)
+        # FSDP2 unit whose parameters the embedding (called directly by layer_inputs) lives in; None when unsharded.
+        parents = {child: m for m in model.modules() for child in m.children()}
+        self._embedding_unit = _fsdp_unit(self.encoder.get_input_embeddings(), parents)
+        self._layer_units = [_fsdp_unit(layer, parents) for layer in self.layers]
+        first = self.layers[0].attention
+        self.num_heads, self.head_dim = int(first.num_heads), int(first.head_dim)
+        for layer in self.layers:
+            rows = layer.attention.qkv.weight.shape[0]
             if rows != 3 * self.num_heads * self.head_dim:
                 raise ValueError(
                     f"QKClip: qkv.weight has {rows} rows, expected 3 * {self.num_heads} heads * {self.head_dim}"
                 )
         self._group = _resolve_group(process_group)
         self._plan: _Plan | None = None
-        # One entry per micro-batch: the first layer's (args, kwargs) and the token ids it was embedded from (then
-        # args[0] is dropped: the replay re-embeds with the updated embedding) or None (args[0] kept).
-        self._captures: list[tuple[tuple, dict, torch.Tensor | None]] = []
-        self._embedded: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, output) of the last embedding call
+        self._batches: list[dict[str, Any]] = []  # clip steps: each micro-batch's model inputs, until after_step
         self._head_max: torch.Tensor | None = None  # (L, nH) fp32: max logit per head
         self._row_sum: torch.Tensor | None = None  # (L, nH + 1) fp64: Σ row maxima per head | number of rows
 
     # ------------------------------------------------------------------------------------------------------------
-    # Trainer protocol
+    # Trainer step hook
     # ------------------------------------------------------------------------------------------------------------
 
     @property
@@ -185,62 +159,52 @@ class QKClip:
     def is_clip_step(self, step: int) -> bool:
         return is_clip_step(step, interval=self.interval, warmup_steps=self.warmup_steps)
 
-    def wants_observation(self, step: int, logging: bool) -> bool:
-        """Whether this step's forward passes must be observed (clip step, or a logging step); starts the step.
+    def observes(self, step: int, logging: bool) -> bool:
+        """Whether step ``step`` is observed: a clip step, or a logging step (pure; same on every rank)."""
+        return logging or self.is_clip_step(step)
 
-        Depends only on its arguments, so it is the same on every rank as long as ``logging`` is.
+    def begin_step(self, step: int, logging: bool) -> dict[str, bool]:
+        """Start step ``step``; returns the keyword arguments its forward passes take.
+
+        ``{"output_qk_logits": True}`` on a logging step that does not clip (the forward pass measures, pre-update
+        weights); ``{}`` otherwise (clip steps measure after the update, in ``after_step``). Depends only on its
+        arguments, so it is the same on every rank as long as ``logging`` is.
         """
-        clip = self.is_clip_step(step)
-        if not (clip or logging):
-            self._discard()
-            return False
-        if self._plan is None or self._plan.step != step:
-            self._discard()
-            self._plan = _Plan(step=step, clip=clip)
-            device = _local(self.attentions[0].qkv.weight).device
-            layers = len(self.attentions)
-            self._head_max = torch.full((layers, self.num_heads), float("-inf"), device=device)
-            self._row_sum = torch.zeros((layers, self.num_heads + 1), dtype=torch.float64, device=device)
-        return True
+        self._discard()
+        if not self.observes(step, logging):
+            return {}
+        self._plan = _Plan(step=step, clip=self.is_clip_step(step))
+        device = _local(self.layers[0].attention.qkv.weight).device
+        layers = len(self.layers)
+        self._head_max = torch.full((layers, self.num_heads), float("-inf"), device=device)
+        self._row_sum = torch.zeros((layers, self.num_heads + 1), dtype=torch.float64, device=device)
+        return {} if self._plan.clip else {"output_qk_logits": True}
 
-    @contextmanager
-    def observing(self, enabled: bool) -> Iterator[None]:
-        """Observe the forward passes run inside (one or all micro-batches of the step); no-op when disabled.
+    def record(self, batch: Mapping[str, Any], output: Any) -> None:
+        """Take one micro-batch of the step: its model inputs (clip steps) or ``output.qk_logits`` (logging steps).
 
-        Clip steps capture the first layer's inputs for the post-update replay; logging-only steps measure the
-        per-head max logit directly in the forward pass (pre-update weights).
+        Call after each forward of the step with the micro-batch the model received and what it returned; a no-op on
+        steps that ``begin_step`` did not start.
         """
-        if not enabled:
-            yield
+        plan = self._plan
+        if plan is None:
             return
-        if self._plan is None:
-            raise RuntimeError("QKClip.observing(True) needs wants_observation(step, logging) to return True first")
-        # The model builds the exact `allowed` mask only while an observer is installed, so capture mode installs a
-        # no-op observer too.
-        observer = _ignore if self._plan.clip else torch.compiler.disable(self._observe_forward)
-        previous = [attn.qk_observer for attn in self.attentions]
-        hooks = []
-        try:
-            for attn in self.attentions:
-                attn.qk_observer = observer
-            if self._plan.clip:
-                hooks.append(self.layers[0].register_forward_pre_hook(self._capture, with_kwargs=True))
-                if self.embedding is not None:
-                    hooks.append(self.embedding.register_forward_hook(self._remember_embedding))
-            yield
-        finally:
-            for attn, prev in zip(self.attentions, previous, strict=True):
-                attn.qk_observer = prev
-            for hook in hooks:
-                hook.remove()
-            self._embedded = None
+        if plan.clip:
+            self._batches.append({k: _detached(batch[k]) for k in self._input_keys if k in batch})
+            return
+        qk_logits = getattr(output, "qk_logits", None)
+        if qk_logits is None:
+            raise ValueError("QKClip.record: the model output has no qk_logits; call the model with the keyword "
+                             "arguments that QKClip.begin_step returned")
+        for layer, per_row in enumerate(qk_logits):
+            self._accumulate(layer, per_row.detach())
 
     @torch.no_grad()
     def after_step(self, step: int) -> dict[str, float]:
         """Reduce the statistic across ranks, clip on clip steps, and return the step's metrics.
 
         Call on every rank right after ``optimizer.step()``. Returns ``{}`` (and communicates nothing) when
-        ``wants_observation`` did not ask for this step.
+        ``begin_step`` did not start an observed step.
         """
         plan = self._plan
         if plan is None:
@@ -251,7 +215,7 @@ class QKClip:
             if plan.clip:
                 eta = self._clip_layer_by_layer()
             else:
-                for layer in range(len(self.attentions)):
+                for layer in range(len(self.layers)):
                     self._reduce(layer)
             # The step's one host copy (statistic, and η on clip steps); the metrics are computed from it on the host.
             layers = self._head_max.shape[0]
@@ -274,88 +238,47 @@ class QKClip:
             self._discard()
 
     # ------------------------------------------------------------------------------------------------------------
-    # Observation and replay
+    # Statistic and replay
     # ------------------------------------------------------------------------------------------------------------
 
-    def _observe_forward(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None):
-        if _in_backward():  # activation-checkpoint recomputation: the same q, k were already measured
-            return
-        self._accumulate(self._layer_of[module], q.detach(), k.detach(), allowed)
-
-    def _remember_embedding(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._embedded = (args[0].detach(), output) if args and isinstance(args[0], torch.Tensor) else None
-
-    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # Kept until after_step (the memory cost of the recomputation): the token ids when the first layer's input is
-        # exactly the embedding output (the replay then also sees the updated embedding), otherwise that (B, T, H)
-        # input; plus the rotary/layout tensors every layer shares.
-        if _in_backward():  # activation-checkpoint recomputation of a batch already captured
-            return
-        ids = None
-        if self._embedded is not None and args and args[0] is self._embedded[1]:
-            ids, args = self._embedded[0], (None, *args[1:])
-        self._embedded = None
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        self._captures.append((args, kwargs, ids))
-
-    def _accumulate(self, layer: int, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None) -> None:
-        per_row = max_logit_per_row(q, k, allowed, scale=q.shape[-1] ** -0.5, chunk_elements=self.chunk_elements)
+    def _accumulate(self, layer: int, per_row: torch.Tensor) -> None:
+        """Fold one micro-batch's ``(B, nH)`` row maxima of layer ``layer`` into the step's statistic."""
+        per_row = per_row.to(self._head_max.device)
         self._head_max[layer] = torch.maximum(self._head_max[layer], per_row.amax(dim=0).to(self._head_max))
         seen = torch.isfinite(per_row[:, :1])  # rows with at least one allowed pair
-        # A mask instead of boolean indexing: no device-to-host sync inside the forward pass.
+        # A mask instead of boolean indexing: no device-to-host sync inside the step.
         self._row_sum[layer, :-1] += torch.where(seen, per_row.double(), 0.0).sum(dim=0)
         self._row_sum[layer, -1] += seen.sum()
 
     def _clip_layer_by_layer(self) -> torch.Tensor:
-        """Replay the captured batch through the layers with the updated weights, clipping each layer in turn.
+        """Replay the recorded batch through the layers with the updated weights, clipping each layer in turn.
 
         Layer l is measured on hidden states produced by the already-clipped layers < l, so a forward pass on the
-        same batch after the step has every head's max logit ≤ τ. Per layer and micro-batch: one QKV projection and
-        logit max (the measuring replay stops inside the observer), then, if a later layer follows, one layer
-        forward with the clipped weights. Under FSDP2 each layer's sharded params are gathered with
-        ``full_tensor()`` (every rank, every layer, same order) and swapped in; no FSDP hook runs. Returns η (L, nH).
+        same batch after the step has every head's max logit ≤ τ. Per layer and micro-batch: one call that stops
+        once the logits are measured (QKV projection and logit max), then, if a later layer follows, one full layer
+        call with the clipped weights. Every call goes through ``layer(...)``: under FSDP2 the layer's hooks gather
+        its parameters (twice per layer: before and after the clip), every rank in the same order. Returns η (L, nH).
         """
-        captured = [(args, kwargs) for args, kwargs, _ in self._captures]
-        hidden = self._first_layer_inputs()
+        with _gathered(self._embedding_unit, hooked=False):  # layer_inputs calls the embedding without its hooks
+            inputs = [self.encoder.layer_inputs(**batch, output_qk_logits=True) for batch in self._batches]
+        hidden = [h for h, _, _ in inputs]
         eta = torch.ones_like(self._head_max, dtype=torch.float64)
-        for layer_idx, (layer, attn) in enumerate(zip(self.layers, self.attentions, strict=True)):
-            weight = attn.qkv.weight  # the live (possibly sharded) parameter, before any swap
-            full = {n: p.full_tensor() for n, p in layer.named_parameters() if isinstance(p, DTensor)}
-            with _swap_params(layer, full), _eval_mode(layer):
-                hidden = [h.to(attn.qkv.weight.dtype) for h in hidden]  # e.g. bf16 activations under FSDP2 MP
-                self._measure(layer, attn, layer_idx, hidden, captured)
-                self._reduce(layer_idx)
-                eta[layer_idx] = self._eta(layer_idx)
-                factors = self._row_factors(eta[layer_idx])
-                _scale_rows(*_local_rows(weight), factors)
-                if isinstance(weight, DTensor):  # also the gathered copy that the next layer's input comes from
-                    _scale_rows(attn.qkv.weight, 0, factors)
-                if layer_idx + 1 < len(self.layers):
-                    hidden = [_first(layer.forward(h, *a[1:], **kw)) for h, (a, kw) in zip(hidden, captured, strict=True)]
-        self._captures = []
+        for idx, (layer, unit) in enumerate(zip(self.layers, self._layer_units, strict=True)):
+            hooked = unit is layer
+            with _eval_mode(layer):
+                for h, (_, rotary, layout) in zip(hidden, inputs, strict=True):
+                    with _gathered(unit, hooked):
+                        _, _, per_row = layer(h, rotary, layout, measure_qk_logits=True)
+                    self._accumulate(idx, per_row)
+                self._reduce(idx)
+                eta[idx] = self._eta(idx)
+                _scale_rows(*_local_rows(layer.attention.qkv.weight), self._row_factors(eta[idx]))
+                if idx + 1 < len(self.layers):
+                    with _gathered(unit, hooked):
+                        hidden = [layer(h, rotary, layout)[0] for h, (_, rotary, layout) in zip(hidden, inputs,
+                                                                                               strict=True)]
+        self._batches = []
         return eta
-
-    def _first_layer_inputs(self) -> list[torch.Tensor]:
-        """Each micro-batch's first-layer input: re-embedded with the current embedding, or as captured."""
-        emb = self.embedding
-        full = {}
-        if emb is not None:  # gathered on every rank whatever it captured: all ranks enter the same collectives
-            full = {n: p.full_tensor() for n, p in emb.named_parameters() if isinstance(p, DTensor)}
-        with _swap_params(emb, full) if emb is not None else nullcontext():
-            return [args[0] if ids is None else emb.forward(ids) for args, _, ids in self._captures]
-
-    def _measure(self, layer: nn.Module, attn: nn.Module, layer_idx: int, hidden: list, captured: list) -> None:
-        previous, attn.qk_observer = attn.qk_observer, _measure_and_stop(self)
-        try:
-            for h, (args, kwargs) in zip(hidden, captured, strict=True):
-                try:
-                    layer.forward(h, *args[1:], **kwargs)
-                except _StopAttention:
-                    continue
-                raise RuntimeError(f"QKClip: attention of layer {layer_idx} returned without calling qk_observer")
-        finally:
-            attn.qk_observer = previous
 
     # ------------------------------------------------------------------------------------------------------------
     # Reduction and factors
@@ -364,7 +287,7 @@ class QKClip:
     def _reduction_group(self) -> Any:
         if self._group is not None:
             return self._group
-        weight = self.attentions[0].qkv.weight
+        weight = self.layers[0].attention.qkv.weight
         if isinstance(weight, DTensor):
             return weight.device_mesh.get_group()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -400,7 +323,7 @@ class QKClip:
 
     def _discard(self) -> None:
         self._plan = None
-        self._captures = []
+        self._batches = []
         self._head_max = self._row_sum = None
 
 
@@ -409,13 +332,48 @@ class QKClip:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _find_attention_layers(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(layers, attentions) in forward order: every module with ``qkv`` and ``qk_observer``, and its parent."""
-    attentions = [m for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "qk_observer")]
-    if not attentions:
-        raise ValueError("QKClip: the model has no attention module with `qkv` and `qk_observer`")
-    parent = {child: m for m in model.modules() for child in m.children()}
-    return [parent[a] for a in attentions], attentions
+def _find_encoder(model: nn.Module) -> nn.Module:
+    """The module with ``layers`` and ``layer_inputs``: ``model`` itself or its HF ``base_model``."""
+    for candidate in (model, getattr(model, "base_model", None)):
+        if candidate is not None and hasattr(candidate, "layers") and callable(getattr(candidate, "layer_inputs", None)):
+            return candidate
+    raise ValueError(f"QKClip: {type(model).__name__} exposes no encoder with `layers` and `layer_inputs` "
+                     "(NeoBERT's QK-logit API, neobert_pt/modeling/modeling_neobert.py)")
+
+
+def _fsdp_unit(module: nn.Module, parents: dict[nn.Module, nn.Module]) -> nn.Module | None:
+    """The FSDP2 unit (``fully_shard``-ed module) that owns ``module``'s parameters: itself or its nearest such
+    ancestor; None when the model is not FSDP2-sharded."""
+    if not dist.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    while module is not None and not isinstance(module, FSDPModule):
+        module = parents.get(module)
+    return module
+
+
+@contextmanager
+def _gathered(unit: nn.Module | None, hooked: bool) -> Iterator[None]:
+    """Full parameters for calls into ``unit``'s modules, sharded again afterwards (FSDP2's public API).
+
+    ``hooked``: the calls enter ``unit`` itself through ``__call__``, so its pre-forward hook gathers; only the
+    final ``reshard()`` is needed (it also frees a unit built with ``reshard_after_forward=False``, whose stale
+    gathered copy would otherwise hide the clipped rows). Otherwise ``unshard()`` gathers first. No-op unsharded.
+    """
+    if unit is None:
+        yield
+        return
+    if not hooked:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        unit.reshard()
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def _resolve_group(process_group: Any) -> Any:
@@ -435,7 +393,7 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
 def _local_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The tensor this rank may write in place and the first global row it holds."""
     if not isinstance(weight, DTensor):
-        return weight.data, 0
+        return weight.detach(), 0
     mesh, placements = weight.device_mesh, weight.placements
     if mesh.ndim != 1 or placements[0] not in (Shard(0), Replicate()):
         raise ValueError(f"QKClip supports qkv DTensors on a 1-D mesh with Shard(0) or Replicate, got {placements}")
@@ -458,22 +416,6 @@ def _scale_rows(local: torch.Tensor, start: int, factors: torch.Tensor) -> None:
 
 
 @contextmanager
-def _swap_params(module: nn.Module, replacements: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily put plain tensors in place of (sharded) parameters, by dotted name."""
-    saved = []
-    try:
-        for name, tensor in replacements.items():
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name)
-            saved.append((owner, attr, owner._parameters[attr]))
-            owner._parameters[attr] = tensor
-        yield
-    finally:
-        for owner, attr, param in reversed(saved):
-            owner._parameters[attr] = param
-
-
-@contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     """No dropout during the replay; the training flags are restored afterwards."""
     flags = [(m, m.training) for m in module.modules()]
@@ -483,27 +425,6 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in flags:
             m.training = training
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where activation checkpointing re-runs forwards)."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _ignore(module: nn.Module, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None) -> None:
-    """Observer installed on clip steps: its presence makes the model build the exact ``allowed`` mask."""
-
-
-def _measure_and_stop(clip: QKClip):
-    def observer(module: nn.Module, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None) -> None:
-        clip._accumulate(clip._layer_of[module], q, k, allowed)
-        raise _StopAttention
-
-    return observer
 
 
 def build_qk_clip(model: nn.Module, settings: QKClipSettings, distributed_mesh: Any = None) -> QKClip | None:

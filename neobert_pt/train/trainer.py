@@ -351,20 +351,21 @@ class Trainer:
                               sum(b["attention_mask"].sum() for b in window)]).to(acc.device, torch.float64)
         distributed.all_reduce(counts)
         global_masked = counts[0].clamp(min=1)
-        observe = self.qk_clip.wants_observation(step, should_log) if self.qk_clip is not None else False
-        qk_ctx = self.qk_clip.observing(observe) if self.qk_clip is not None else contextlib.nullcontext()
+        qk_clip = self.qk_clip  # step hook: records the step's batch or forward QK logits, clips after the update
+        qk_kwargs = qk_clip.begin_step(step, should_log) if qk_clip is not None else {}  # same on every rank
 
         loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
-        with qk_ctx:
-            for i, batch in enumerate(window):
-                batch = self._to_device(batch)
-                sync = i == len(window) - 1  # gradients are all-reduced / reduce-scattered on the last only
-                with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                    out = self.model(**batch, num_items_in_batch=global_masked)
-                    # DDP and FSDP2 average gradients over ranks; the loss is already divided by the global count,
-                    # so undo the average by scaling with the world size.
-                    acc.backward(out.loss * acc.num_processes)
-                loss_sum += out.loss.detach().double()
+        for i, batch in enumerate(window):
+            batch = self._to_device(batch)
+            sync = i == len(window) - 1  # gradients are all-reduced / reduce-scattered on the last only
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                out = self.model(**batch, num_items_in_batch=global_masked, **qk_kwargs)
+                # DDP and FSDP2 average gradients over ranks; the loss is already divided by the global count,
+                # so undo the average by scaling with the world size.
+                acc.backward(out.loss * acc.num_processes)
+            loss_sum += out.loss.detach().double()
+            if qk_clip is not None:
+                qk_clip.record(batch, out)
 
         max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else math.inf
         replicas = self._replicate_group if self._optimizer_syncs_replicas else None
@@ -387,8 +388,8 @@ class Trainer:
         else:
             self._consecutive_nonfinite = 0
             self.optimizer.step()
-            if self.qk_clip is not None:
-                metrics.update(self.qk_clip.after_step(step))  # every rank: reduces and rescales W_q / W_k
+            if qk_clip is not None:
+                metrics.update(qk_clip.after_step(step))  # every rank: reduces and rescales W_q / W_k
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step = step

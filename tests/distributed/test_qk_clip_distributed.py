@@ -3,8 +3,10 @@
 DDP: after the clip step the parameters are bit-identical on both ranks and equal to one process that observed the
 union of the two batches (max statistic: bit-exact; mean: ≤1e-6 relative, its fp64 sums run in another order).
 FSDP2 (``fully_shard`` per layer + root; hidden 30 → qkv 90 rows, 45 per rank, so layer 0's head-1 K rows 40..49
-straddle the shard boundary): the gathered weights equal the same single-process result bit-for-bit, and a forward
-pass through the sharded model has every head's max logit ≤ τ.
+straddle the shard boundary): the replay calls each layer as a module, so FSDP2's own hooks gather and free its
+parameters (also with ``reshard_after_forward=False``, and when only the root is sharded: QK-clip then gathers the
+root itself); the gathered weights equal the same single-process result bit-for-bit, and a forward pass through
+the sharded model has every head's max logit ≤ τ.
 """
 
 from __future__ import annotations
@@ -50,9 +52,21 @@ def _union() -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def _reshard(model) -> None:
+    """Free every FSDP2 unit's gathered parameters (``reshard_after_forward=False`` keeps them after a forward), so
+    what follows sees the sharded parameters that the optimizer and checkpoints hold."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @torch.no_grad()
 def _fake_update(model) -> None:
-    """Stand-in for optimizer.step(), identical on every rank and valid on shards (elementwise)."""
+    """Stand-in for backward + optimizer.step(), identical on every rank and valid on shards (elementwise); the
+    backward would have resharded the FSDP2 units."""
+    _reshard(model)
     for layer in model.model.layers:
         layer.attention.qkv.weight.mul_(1.05)
 
@@ -62,35 +76,42 @@ def _clip_step(model, forward, inputs, **kw) -> dict[str, float]:
 
     kw = {"statistic": "max", **kw}
     clip = QKClip(model, threshold=TAU, alpha=0.5, interval=2, warmup_steps=2, **kw)
-    observe = clip.wants_observation(STEP, logging=False)
-    with torch.no_grad(), clip.observing(observe):
-        forward(**inputs)
+    forward_kwargs = clip.begin_step(STEP, logging=False)
+    with torch.no_grad():
+        clip.record(inputs, forward(**inputs, **forward_kwargs))
     _fake_update(model)
     return clip.after_step(STEP)
 
 
 @torch.no_grad()
 def _max_logits(forward, attentions, inputs) -> torch.Tensor:
-    """(L, nH) dense max logit over allowed pairs, measured by a plain observer during a normal forward."""
+    """(L, nH) dense max logit over allowed pairs during a normal forward: a forward pre-hook on each attention
+    recomputes q, k from its (gathered) ``qkv`` and RoPE; the mask is built here from the batch's attention mask."""
+    from neobert_pt.modeling.modeling_neobert import apply_rotary
+
+    real = inputs["attention_mask"].bool()
+    allowed = (real[:, :, None] & real[:, None, :])[:, None]  # (B, 1, T, T): one document per row
     out = []
 
-    def observer(module, q, k, allowed):
-        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        out.append(logits.amax(dim=(0, 2, 3)))
+    def dense(attn, args):
+        hidden, (cos, sin) = args[0], args[1]
+        b, t, _ = hidden.shape
+        q, k, _ = attn.qkv(hidden).view(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        logits = q @ k.transpose(-1, -2) / attn.head_dim**0.5
+        out.append(logits.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3)))
 
-    for a in attentions:
-        a.qk_observer = observer
+    hooks = [a.register_forward_pre_hook(dense) for a in attentions]
     try:
         forward(**inputs)
     finally:
-        for a in attentions:
-            a.qk_observer = None
+        for h in hooks:
+            h.remove()
     return torch.stack(out)
 
 
 def _qkv(model) -> list[torch.Tensor]:
+    _reshard(model)  # the sharded parameters, not a gathered copy left over from a forward
     ws = [layer.attention.qkv.weight.detach() for layer in model.model.layers]
     return [w.full_tensor() if hasattr(w, "full_tensor") else w.clone() for w in ws]
 
@@ -108,18 +129,23 @@ def _work(rank: int, out_dir: str) -> dict:
     _clip_step(model, DistributedDataParallel(model), _batch(rank), process_group=None, statistic="mean")
     ddp_mean_qkv = _qkv(model)
 
-    model = _model()
     mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    local_rows = model.model.layers[0].attention.qkv.weight.to_local().shape[0]
-    fsdp_metrics = _clip_step(model, model, _batch(rank), process_group=mesh)
-    attentions = [layer.attention for layer in model.model.layers]
-    fsdp_post = _max_logits(model, attentions, _batch(rank))
-    fsdp_qkv = _qkv(model)
-    return {"ddp": ddp_qkv, "ddp_metrics": ddp_metrics, "ddp_mean": ddp_mean_qkv, "fsdp": fsdp_qkv,
-             "fsdp_metrics": fsdp_metrics, "fsdp_post": fsdp_post, "local_rows": local_rows}
+    fsdp = {}
+    # per-layer units (the trainer's wrapping), units that keep their gathered parameters after a forward, and
+    # the root alone (layers are not units: QK-clip gathers the root around each layer call)
+    for name, per_layer, reshard in (("fsdp", True, True), ("fsdp_keep", True, False), ("fsdp_root", False, True)):
+        model = _model()
+        if per_layer:
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        fsdp[f"{name}_local_rows"] = model.model.layers[0].attention.qkv.weight.to_local().shape[0]
+        fsdp[f"{name}_metrics"] = _clip_step(model, model, _batch(rank), process_group=mesh)
+        _reshard(model)  # the check below gathers the clipped shards afresh
+        attentions = [layer.attention for layer in model.model.layers]
+        fsdp[f"{name}_post"] = _max_logits(model, attentions, _batch(rank))
+        fsdp[name] = _qkv(model)
+    return {"ddp": ddp_qkv, "ddp_metrics": ddp_metrics, "ddp_mean": ddp_mean_qkv, **fsdp}
 
 
 @pytest.mark.distributed
@@ -135,14 +161,17 @@ def test_qk_clip_ddp_and_fsdp2_match_one_process_on_the_union_batch(tmp_path) ->
     attentions = [layer.attention for layer in reference.model.layers]
     assert (_max_logits(reference, attentions, _union()) <= TAU * (1 + 1e-3)).all()
 
-    assert [r["local_rows"] for r in results] == [45, 45]  # odd shard: head 1's K rows straddle rows 45
+    fsdp_modes = ("fsdp", "fsdp_keep", "fsdp_root")
+    for mode in fsdp_modes:  # odd shard: head 1's K rows straddle rows 45
+        assert [r[f"{mode}_local_rows"] for r in results] == [45, 45]
     for r, res in enumerate(results):
-        for mode in ("ddp", "fsdp"):
+        for mode in ("ddp", *fsdp_modes):
             for layer, (w, w_ref) in enumerate(zip(res[mode], ref_qkv, strict=True)):
                 assert torch.equal(w, w_ref), (mode, r, layer)
             for key, value in ref_metrics.items():
                 assert res[f"{mode}_metrics"][key] == pytest.approx(value, rel=1e-6), (mode, r, key)
-        assert (res["fsdp_post"] <= TAU * (1 + 1e-3)).all(), res["fsdp_post"]
+        for mode in fsdp_modes:
+            assert (res[f"{mode}_post"] <= TAU * (1 + 1e-3)).all(), (mode, res[f"{mode}_post"])
     # statistic="mean" reduces (Σ row maxima, rows) with SUM; process_group=None falls back to WORLD.
     mean_ref = _model()
     _clip_step(mean_ref, mean_ref, _union(), statistic="mean")
@@ -151,5 +180,5 @@ def test_qk_clip_ddp_and_fsdp2_match_one_process_on_the_union_batch(tmp_path) ->
             torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
         assert not all(torch.equal(a, b) for a, b in zip(res["ddp_mean"], ref_qkv, strict=True))
     # Replicas identical: both ranks hold the same full weights after the clip.
-    for mode in ("ddp", "fsdp", "ddp_mean"):
+    for mode in ("ddp", *fsdp_modes, "ddp_mean"):
         assert all(torch.equal(a, b) for a, b in zip(results[0][mode], results[1][mode], strict=True))

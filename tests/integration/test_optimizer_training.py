@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from neobert_pt.config import load_config
+from neobert_pt.modeling.modeling_neobert import apply_rotary
 from neobert_pt.optim.catalog import available_optimizers
 from neobert_pt.optim.lr_rule import count_non_embedding_params, suggest_peak_lr
 from neobert_pt.train import Trainer
@@ -93,25 +94,28 @@ def train_records(out: Path) -> list[dict]:
 
 @torch.no_grad()
 def max_attention_logit(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
-    """Largest scaled q·k over allowed pairs of every head and layer, measured independently of ``qk_clip.py``."""
+    """Largest scaled q·k over allowed pairs of every head and layer, measured independently of the model's QK-logit
+    API and of ``qk_clip.py``: a forward pre-hook recomputes q, k from each attention's ``qkv`` and RoPE (fp64)."""
+    docs = batch["document_ids"].masked_fill(batch["attention_mask"] == 0, -1)
+    allowed = (docs[:, :, None] == docs[:, None, :]) & (docs[:, :, None] >= 0) & (docs[:, None, :] >= 0)
     seen: list[float] = []
 
-    def observe(module, q, k, allowed):
-        logits = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, -math.inf)
-        seen.append(logits.amax().item())
+    def dense(attn, args):
+        hidden, (cos, sin) = args[0], args[1]
+        b, t, _ = hidden.shape
+        q, k, _ = attn.qkv(hidden).view(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = apply_rotary(q, cos, sin).double(), apply_rotary(k, cos, sin).double()
+        logits = (q @ k.transpose(-1, -2)) * attn.head_dim**-0.5
+        seen.append(logits.masked_fill(~allowed[:, None], -math.inf).amax().item())
 
-    attentions = [layer.attention for layer in model.model.layers]
     model.eval()
+    hooks = [layer.attention.register_forward_pre_hook(dense) for layer in model.model.layers]
     try:
-        for attn in attentions:
-            attn.qk_observer = observe
         model(**batch)
     finally:
-        for attn in attentions:
-            attn.qk_observer = None
-    assert len(seen) == len(attentions)
+        for h in hooks:
+            h.remove()
+    assert len(seen) == len(hooks)
     return max(seen)
 
 

@@ -43,7 +43,7 @@ class OpCounter(TorchDispatchMode):
 
 def test_unpad_and_repad_are_inverse_on_real_tokens():
     doc = torch.tensor([[0, 0, 1, -1], [0, 0, 0, 0]])
-    layout = build_layout(doc, "varlen", with_allowed=False)
+    layout = build_layout(doc, "varlen")
     x = torch.arange(8.0).view(2, 4, 1).expand(2, 4, 3)
     stream = unpad(x, layout)
     assert stream.shape == (1, 7, 3) and stream[0, :, 0].tolist() == [0, 1, 2, 4, 5, 6, 7]
@@ -62,27 +62,34 @@ def test_varlen_reference_is_attention_inside_each_segment():
 
 @pytest.mark.parametrize("observed", [False, True])
 def test_varlen_layers_run_on_the_unpadded_stream(make_config, observed):
-    """Unpadded once: every layer sees (1, real tokens, H); with a QK observer (QK-clip measuring) the layers keep the
-    (B, T) grid so the observer's exact mask stays per row. Both give the sdpa outputs on real tokens."""
+    """Unpadded once: every layer sees (1, real tokens, H); when QK logits are measured (``output_qk_logits``,
+    QK-clip) the layers keep the (B, T) grid so the statistic stays per row. Both give the sdpa outputs on real
+    tokens, and the measured logits equal sdpa's."""
     model = NeoBERTModel(make_config(attn_implementation="varlen")).eval()
     ref = NeoBERTModel(make_config(attn_implementation="sdpa")).eval()
     ref.load_state_dict(model.state_dict())
     _, batch = packed_batch(97)
     real = batch["document_ids"] >= 0
-    shapes, seen = [], []
+    shapes = []
     hooks = [layer.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
              for layer in model.layers]
-    if observed:
-        for layer in model.layers:
-            layer.attention.qk_observer = lambda m, q, k, allowed: seen.append(allowed.shape)
     with torch.no_grad():
-        out = model(**batch, output_hidden_states=True)
-        expected = ref(**batch, output_hidden_states=True)
+        out = model(**batch, output_hidden_states=True, output_qk_logits=observed)
+        expected = ref(**batch, output_hidden_states=True, output_qk_logits=observed)
     for h in hooks:
         h.remove()
     grid = (1, int(real.sum()), 32) if not observed else (2, 14, 32)
     assert shapes == [grid] * model.config.num_hidden_layers
-    assert seen == ([(2, 1, 14, 14)] * 2 if observed else [])
+    if observed:
+        assert [q.shape for q in out.qk_logits] == [(2, 4)] * 2
+        for mine, theirs in zip(out.qk_logits, expected.qk_logits, strict=True):
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        hidden, rotary, layout = model.layer_inputs(**batch)  # the stream: measuring on it is refused, one line
+        with pytest.raises(ValueError, match="output_qk_logits=True"):
+            model.layers[0](hidden, rotary, layout, measure_qk_logits=True)
+        hidden, rotary, layout = model.layer_inputs(**batch, output_qk_logits=True)
+        assert hidden.shape == (2, 14, 32)
+        assert torch.equal(model.layers[0](hidden, rotary, layout, measure_qk_logits=True)[2], out.qk_logits[0])
     torch.testing.assert_close(out.last_hidden_state[real], expected.last_hidden_state[real], atol=1e-5, rtol=1e-5)
     assert len(out.hidden_states) == 3 and all(h.shape == (2, 14, 32) for h in out.hidden_states)
     for mine, theirs in zip(out.hidden_states, expected.hidden_states, strict=True):
@@ -99,11 +106,8 @@ def test_varlen_gathers_once_per_forward_not_per_layer(make_config):
 
     def gathers(layers: int, observed: bool) -> int:
         model = NeoBERTModel(make_config(attn_implementation="varlen", num_hidden_layers=layers)).eval()
-        if observed:
-            for layer in model.layers:
-                layer.attention.qk_observer = lambda *a: None
         with torch.no_grad(), OpCounter() as counter:
-            model(**batch, varlen_sizes=sizes)
+            model(**batch, varlen_sizes=sizes, output_qk_logits=observed)
         return counter.ops["aten.index_select"] + counter.ops["aten.index_copy"]
 
     assert gathers(2, observed=False) == gathers(5, observed=False)
@@ -123,7 +127,7 @@ def test_varlen_step_has_no_host_sync_given_host_sizes(make_config):
     assert counter.ops["aten.index_select"] > 0  # the counter sees the model's ops
     assert not SYNCING_OPS & set(counter.ops), counter.ops
     with OpCounter() as counter:
-        build_layout(batch["document_ids"], "varlen", with_allowed=False)
+        build_layout(batch["document_ids"], "varlen")
     assert SYNCING_OPS & set(counter.ops)
 
 

@@ -1,4 +1,4 @@
-"""NeoBERT forward semantics: packing, backends, masked-only MLM head, losses, QK observer, parameter count."""
+"""NeoBERT forward semantics: packing, backends, masked-only MLM head, losses, QK-logit API, parameter count."""
 
 import math
 
@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 from neobert_pt import NeoBERTConfig, NeoBERTForMaskedLM, NeoBERTForSequenceClassification, NeoBERTModel
 from neobert_pt.modeling.modeling_neobert import (
+    apply_rotary,
     build_layout,
     combine_document_ids,
+    max_qk_logit_per_row,
     positions_from_documents,
     varlen_sizes,
 )
@@ -88,11 +90,11 @@ def test_packed_row_gradients_equal_the_documents_run_alone(make_config, impl):
 
 def test_flex_layout_is_a_block_mask_not_a_dense_mask():
     doc = torch.tensor([[0, 0, 1, -1]])
-    layout = build_layout(doc, "flex_attention", with_allowed=False)
-    assert layout.mask is None and layout.allowed is None and layout.block_mask is not None
+    layout = build_layout(doc, "flex_attention")
+    assert layout.mask is None and layout.block_mask is not None
     dense = layout.block_mask.to_dense()  # (B, H, q blocks, kv blocks): one 128-token block here
     assert dense.shape[0] == 1 and dense.sum() == 1
-    assert build_layout(doc, "flex_attention", with_allowed=True).allowed is not None  # the QK observer still sees it
+    assert torch.equal(layout.document_ids, doc)  # what the QK-logit statistic derives its pairs from
 
 
 def test_positions_derived_from_document_ids(make_config):
@@ -110,28 +112,25 @@ def test_layout_fast_path_and_mask():
     assert combine_document_ids(torch.ones(2, 4, dtype=torch.long), None, cpu) is None
     assert combine_document_ids(None, None, cpu) is None
     doc = torch.tensor([[0, 0, 1, -1]])
-    layout = build_layout(doc, "sdpa", with_allowed=True)
-    expected_allowed = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
-    assert torch.equal(layout.allowed[0, 0], expected_allowed)
-    # the kernel mask only differs by letting the padding query see itself (no empty softmax row)
-    kernel = expected_allowed.clone()
-    kernel[3, 3] = True
+    layout = build_layout(doc, "sdpa")
+    # the kernel mask: same document and a real key; the padding query sees only itself (no empty softmax row)
+    kernel = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(layout.mask[0, 0], kernel)
-    assert build_layout(doc, "sdpa", with_allowed=False).allowed is None
+    assert build_layout(None, "sdpa").mask is None and build_layout(None, "sdpa").document_ids is None
 
 
 def test_flash_varlen_metadata():
     """cu_seqlens splits the flat real tokens at every document boundary, rows included."""
     doc = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
-    layout = build_layout(doc, "flash_attention_2", with_allowed=False)
-    assert layout.mask is None and layout.allowed is None
+    layout = build_layout(doc, "flash_attention_2")
+    assert layout.mask is None
     assert layout.indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
     assert layout.cu_seqlens.tolist() == [0, 3, 5, 11] and layout.cu_seqlens.dtype == torch.int32
     assert layout.max_seqlen == 6
     # host-computed sizes: the same metadata from ops whose output sizes are known (no device->host sync)
     sizes = varlen_sizes(doc)
     assert sizes == (11, 3, 6)
-    host = build_layout(doc, "flash_attention_2", with_allowed=False, sizes=sizes)
+    host = build_layout(doc, "flash_attention_2", sizes=sizes)
     assert torch.equal(host.indices, layout.indices) and torch.equal(host.cu_seqlens, layout.cu_seqlens)
     assert host.cu_seqlens.dtype == torch.int32 and host.max_seqlen == 6
 
@@ -194,48 +193,91 @@ def test_no_masked_token_gives_zero_loss(make_config):
     out.loss.backward()  # still differentiable
 
 
-def test_qk_observer_sees_rotated_unscaled_qk(make_config):
+def dense_qk_logits(model, batch) -> list[torch.Tensor]:
+    """Reference: per layer, (B, nH, T, T) logits q·kᵀ/√d from the layer's own qkv and RoPE (inputs caught by a
+    forward pre-hook), -inf outside same-document pairs of real tokens; no chunking, no model QK-logit code."""
+    caught = []
+    hooks = [layer.attention.register_forward_pre_hook(lambda m, args: caught.append((m, args[0], args[1])))
+             for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    doc = batch["document_ids"]
+    allowed = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0) & (doc[:, None, :] >= 0)
+    logits = []
+    for attn, hidden, (cos, sin) in caught:
+        b, t, _ = hidden.shape
+        q, k, _ = attn.qkv(hidden).view(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        logits.append((q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)).masked_fill(~allowed[:, None], -math.inf))
+    return logits, out
+
+
+def test_qk_logits_are_max_rotated_scaled_logits_over_allowed_pairs(make_config):
     model = NeoBERTForMaskedLM(make_config(attn_implementation="eager")).eval()
     _, batch = packed_batch(97)
-    seen = []
-
-    def observer(module, q, k, allowed):
-        seen.append((module, q, k, allowed))
-
-    for layer in model.model.layers:
-        layer.attention.qk_observer = observer
+    reference, out = dense_qk_logits(model, batch)
+    # softmax of the reference over allowed keys reproduces the model's attention weights: same q, k, RoPE, scale
+    real = (batch["document_ids"] >= 0)[:, None].expand(-1, 4, -1)
+    for logits, weights in zip(reference, out.attentions, strict=True):
+        torch.testing.assert_close(logits.softmax(-1)[real], weights[real])
     with torch.no_grad():
-        out = model(**batch, output_attentions=True)
-    assert [s[0] for s in seen] == [layer.attention for layer in model.model.layers]
-    module, q, k, allowed = seen[0]
-    assert q.shape == k.shape == (2, 4, ROW_LEN, 8)
-    assert allowed.shape == (2, 1, ROW_LEN, ROW_LEN) and allowed.dtype == torch.bool
-    doc = batch["document_ids"]
-    expected = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
-    assert torch.equal(allowed[:, 0], expected)
-    # softmax(q k^T / sqrt(d)) over allowed keys reproduces the attention weights → q, k are post-RoPE, unscaled
-    logits = (q @ k.transpose(-1, -2)) / math.sqrt(8)
-    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-    real = doc >= 0
-    torch.testing.assert_close(
-        probs[real[:, None].expand(-1, 4, -1)], out.attentions[0][real[:, None].expand(-1, 4, -1)]
-    )
-
-    for layer in model.model.layers:
-        layer.attention.qk_observer = None
-    seen.clear()
-    with torch.no_grad():
-        model(input_ids=batch["input_ids"])
-    assert not seen
+        got = model(**batch, output_qk_logits=True)
+    assert len(got.qk_logits) == len(model.model.layers)
+    for logits, measured in zip(reference, got.qk_logits, strict=True):
+        assert measured.shape == (2, 4) and measured.dtype == torch.float32
+        torch.testing.assert_close(measured, logits.amax(dim=(-1, -2)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.logits, out.logits)  # the flag measures, it changes nothing
+    assert model(**batch).qk_logits is None
+    as_tuple = model(**batch, output_qk_logits=True, return_dict=False)
+    assert len(as_tuple) == 2 and all(torch.equal(a, b) for a, b in zip(as_tuple[1], got.qk_logits, strict=True))
 
 
-def test_observer_allowed_is_none_without_mask(make_config):
+def test_layer_measure_qk_logits_returns_early_with_the_forward_statistic(make_config):
     model = NeoBERTModel(make_config()).eval()
-    seen = []
-    model.layers[0].attention.qk_observer = lambda m, q, k, allowed: seen.append(allowed)
+    _, batch = packed_batch(97)
     with torch.no_grad():
-        model(input_ids=torch.randint(1, 97, (2, 5)), attention_mask=torch.ones(2, 5, dtype=torch.long))
-    assert seen == [None]
+        out = model(**batch, output_qk_logits=True, output_hidden_states=True)
+        hidden, rotary, layout = model.layer_inputs(**batch)
+        assert torch.equal(hidden, out.hidden_states[0])
+        mlp_calls = []
+        hook = model.layers[0].ffn.register_forward_hook(lambda *a: mlp_calls.append(1))
+        measured = model.layers[0](hidden, rotary, layout, measure_qk_logits=True)
+        hook.remove()
+        assert measured[:2] == (None, None) and not mlp_calls  # a plain early return: no attention output, no MLP
+        assert torch.equal(measured[2], out.qk_logits[0])
+        next_hidden, _, _ = model.layers[0](hidden, rotary, layout)
+        assert torch.equal(model.layers[1](next_hidden, rotary, layout, measure_qk_logits=True)[2], out.qk_logits[1])
+
+
+def test_qk_logits_rows_without_allowed_pairs_are_neg_inf(make_config):
+    model = NeoBERTModel(make_config()).eval()
+    ids = torch.randint(1, 97, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with torch.no_grad():
+        qk = model(input_ids=ids, attention_mask=mask, output_qk_logits=True).qk_logits
+    assert all(torch.isfinite(q[0]).all() and torch.isneginf(q[1]).all() for q in qk)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 16])
+def test_chunked_qk_logit_max_equals_dense(chunk_rows):
+    g = torch.Generator().manual_seed(0)
+    b, nh, t, d = 3, 2, 16, 8
+    q, k = torch.randn(b, nh, t, d, generator=g), torch.randn(b, nh, t, d, generator=g)
+    doc = torch.randint(0, 3, (b, t), generator=g).sort(dim=1).values
+    doc[1, 10:] = -1  # padding
+    doc[2] = -1  # a row with no allowed pair
+    got = max_qk_logit_per_row(q, k, doc, scale=d**-0.5, chunk_elements=chunk_rows * b * nh * t)
+    allowed = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0) & (doc[:, None, :] >= 0)
+    dense = (q @ k.transpose(-1, -2) * d**-0.5).masked_fill(~allowed[:, None], float("-inf")).amax(dim=(-1, -2))
+    torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6)
+    assert torch.isneginf(got[2]).all()
+    every_pair = max_qk_logit_per_row(q, k, None, scale=d**-0.5, chunk_elements=chunk_rows * b * nh * t)
+    torch.testing.assert_close(every_pair, (q @ k.transpose(-1, -2) * d**-0.5).amax(dim=(-1, -2)))
 
 
 def test_gradient_checkpointing_same_gradients(make_config):

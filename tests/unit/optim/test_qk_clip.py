@@ -1,7 +1,8 @@
 """QK-clip on a tiny real NeoBERT: the Kimi bound after the clip, exact per-head factors, schedule, masks.
 
-Every "measured" logit below comes from an independent dense reference: an observer that computes the full
-``q·kᵀ/√d`` matrix of each head with the model's own ``allowed`` mask, no chunking, no QKClip code.
+Every "measured" logit below comes from an independent dense reference: a forward pre-hook on each attention module
+recomputes q, k from its ``qkv`` and RoPE, and takes the full ``q·kᵀ/√d`` matrix of each head under a mask built
+here from the batch (same document, real tokens); no chunking, no QK-logit API, no QKClip code.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
-from neobert_pt.optim.qk_clip import QKClip, is_clip_step, max_logit_per_row, row_shard_range
+from neobert_pt.modeling.modeling_neobert import apply_rotary
+from neobert_pt.optim.qk_clip import QKClip, is_clip_step, row_shard_range
 
 H, N_HEADS, D = 32, 2, 16
 
@@ -40,25 +42,27 @@ def batch(seed: int, rows: int = 3, t: int = 12) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def row_maxima(model: NeoBERTForMaskedLM, inputs: dict, *, all_pairs: bool = False) -> torch.Tensor:
     """(L, B, nH) dense per-row max logit over allowed pairs (all non-pad pairs if ``all_pairs``)."""
+    real = inputs["attention_mask"].bool()
+    docs = inputs.get("document_ids", torch.zeros_like(inputs["input_ids"]))
+    allowed = real[:, :, None] & real[:, None, :]
+    if not all_pairs:  # else every real query/key pair, ignoring document boundaries
+        allowed &= docs[:, :, None] == docs[:, None, :]
     out = []
 
-    def observer(module, q, k, allowed):
-        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, nH, T, T)
-        if allowed is not None:
-            if all_pairs:  # every real query/key pair, ignoring document boundaries
-                real = allowed.any(dim=-1) | allowed.any(dim=-2)  # (B, 1, T)
-                allowed = real[..., :, None] & real[..., None, :]
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        out.append(logits.amax(dim=(-1, -2)))
+    def dense(attn, args):
+        hidden, (cos, sin) = args[0], args[1]
+        b, t, _ = hidden.shape
+        q, k, _ = attn.qkv(hidden).view(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        logits = q @ k.transpose(-1, -2) / attn.head_dim**0.5  # (B, nH, T, T)
+        out.append(logits.masked_fill(~allowed[:, None], float("-inf")).amax(dim=(-1, -2)))
 
-    attns = [layer.attention for layer in model.model.layers]
-    for a in attns:
-        a.qk_observer = observer
+    hooks = [layer.attention.register_forward_pre_hook(dense) for layer in model.model.layers]
     try:
         model(**inputs)
     finally:
-        for a in attns:
-            a.qk_observer = None
+        for h in hooks:
+            h.remove()
     return torch.stack(out)
 
 
@@ -79,10 +83,9 @@ def qkv(model: NeoBERTForMaskedLM, layer: int) -> torch.Tensor:
 
 
 def run_step(clip: QKClip, model, micro_batches, step: int, logging: bool = False, update=None) -> dict:
-    observe = clip.wants_observation(step, logging)
+    forward_kwargs = clip.begin_step(step, logging)
     for mb in micro_batches:
-        with clip.observing(observe):
-            model(**mb)
+        clip.record(mb, model(**mb, **forward_kwargs))
     if update is not None:
         update(model)
     return clip.after_step(step)
@@ -184,7 +187,9 @@ def test_schedule_interval_and_warmup():
     model, mb = tiny_model(), batch(5)
     clip = make_clip(model, interval=3, warmup_steps=5)
     w0 = qkv(model, 0)
-    assert [s for s in range(13) if clip.wants_observation(s, logging=False)] == [5, 8, 11]
+    assert [s for s in range(13) if clip.observes(s, logging=False)] == [5, 8, 11]
+    assert clip.begin_step(4, logging=True) == {"output_qk_logits": True}  # logging only: the forward measures
+    assert clip.begin_step(5, logging=True) == {}  # clip step: measured after the update, by the replay
     # A logging step that is not a clip step measures (forward statistic) and never scales.
     metrics = run_step(clip, model, [mb], step=4, logging=True)
     assert set(metrics) == {"train/max_attention_logit", "train/max_attention_logit/layer_0",
@@ -195,17 +200,18 @@ def test_schedule_interval_and_warmup():
     assert not torch.equal(qkv(model, 0), w0)
 
 
-def test_no_observation_changes_nothing_and_leaves_no_observer():
+def test_no_observation_changes_nothing_and_keeps_nothing():
     model, mb = tiny_model(), batch(6)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     clip = make_clip(model, interval=2)
-    assert run_step(clip, model, [mb], step=1) == {}
+    assert clip.begin_step(1, logging=False) == {}
+    clip.record(mb, model(**mb))  # a step that does not observe: recording is a no-op
+    assert clip._batches == [] and clip.after_step(1) == {}
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
-    assert all(layer.attention.qk_observer is None for layer in model.model.layers)
-    with pytest.raises(RuntimeError):
-        with clip.observing(True):
-            pass
-    clip.wants_observation(2, logging=False)
+    clip.begin_step(3, logging=True)
+    with pytest.raises(ValueError, match="output_qk_logits|qk_logits"):
+        clip.record(mb, model(**mb))  # a logging step whose forward was not asked for the logits
+    clip.begin_step(2, logging=False)
     with pytest.raises(ValueError):
         clip.after_step(3)
 
@@ -225,19 +231,6 @@ def test_packed_rows_only_count_pairs_inside_a_document():
     for i in range(2):
         assert metrics[f"train/max_attention_logit/layer_{i}"] == pytest.approx(per_doc[i].item(), rel=1e-5)
     assert (across - per_doc).abs().max() > 1e-2  # cross-document pairs would have changed the answer
-
-
-@pytest.mark.parametrize("chunk_rows", [1, 7, 16])
-def test_chunked_logit_max_equals_dense(chunk_rows):
-    g = torch.Generator().manual_seed(0)
-    b, nh, t, d = 3, 2, 16, 8
-    q, k = torch.randn(b, nh, t, d, generator=g), torch.randn(b, nh, t, d, generator=g)
-    allowed = torch.rand(b, 1, t, t, generator=g) > 0.5
-    allowed[2] = False  # a row with no allowed pair
-    got = max_logit_per_row(q, k, allowed, scale=d**-0.5, chunk_elements=chunk_rows * b * nh * t)
-    dense = (q @ k.transpose(-1, -2) * d**-0.5).masked_fill(~allowed, float("-inf")).amax(dim=(-1, -2))
-    torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6)
-    assert torch.isneginf(got[2]).all()
 
 
 def test_row_shard_range_follows_torch_chunk():
@@ -261,11 +254,12 @@ def test_training_step_with_backward_and_a_real_optimizer():
     model, mbs = tiny_model().train(), [batch(8), batch(9)]
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     clip = make_clip(model, threshold=2.5)
-    observe = clip.wants_observation(3, logging=True)
+    forward_kwargs = clip.begin_step(3, logging=True)
     for mb in mbs:
         labels = mb["input_ids"].masked_fill(mb["attention_mask"] == 0, -100)
-        with clip.observing(observe):
-            model(**mb, labels=labels).loss.backward()
+        out = model(**mb, labels=labels, **forward_kwargs)
+        out.loss.backward()
+        clip.record(mb, out)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt.step()
     metrics = clip.after_step(3)
@@ -282,9 +276,10 @@ def test_activation_checkpointing_recomputation_is_not_observed_twice():
     model, mb = tiny_model().train(), batch(10)
     model.activation_checkpointing_enable({"use_reentrant": False})
     clip = make_clip(model, interval=100)
-    observe = clip.wants_observation(1, logging=True)
-    with clip.observing(observe):
-        model(**mb, labels=mb["input_ids"]).loss.backward()  # backward re-runs every layer's attention
+    forward_kwargs = clip.begin_step(1, logging=True)
+    out = model(**mb, labels=mb["input_ids"], **forward_kwargs)
+    out.loss.backward()  # backward re-runs every layer's attention
+    clip.record(mb, out)
     rows = clip._row_sum[:, -1].tolist()
     assert rows == [3.0, 3.0]  # each of the 3 rows counted once per layer, not twice
     assert clip.after_step(1)["train/max_attention_logit"] == pytest.approx(row_maxima(model.eval(), mb).max().item(),
