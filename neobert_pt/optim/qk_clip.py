@@ -31,7 +31,6 @@ Decisions (evidence in docs/optimizers.md, section QK-clip):
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from neobert_pt.optim.config import QKClipSettings
+from neobert_pt.optim.orthonormal import local, row_shard_range
 
 STATISTICS = ("max", "mean")
 
@@ -50,16 +50,6 @@ STATISTICS = ("max", "mean")
 def is_clip_step(step: int, *, interval: int, warmup_steps: int) -> bool:
     """Clip at optimizer steps ``s ≥ warmup_steps`` with ``(s - warmup_steps) % interval == 0``."""
     return step >= warmup_steps and (step - warmup_steps) % interval == 0
-
-
-def row_shard_range(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
-    """Rows ``[start, end)`` that ``rank`` owns under DTensor ``Shard(0)`` (``torch.chunk`` layout).
-
-    Chunks are ``ceil(R / W)`` rows; trailing ranks get a short or empty chunk (R=9, W=4 → 3, 3, 3, 0).
-    """
-    chunk = math.ceil(num_rows / world_size) if num_rows else 0
-    start = min(rank * chunk, num_rows)
-    return start, min(start + chunk, num_rows)
 
 
 @dataclass
@@ -174,7 +164,7 @@ class QKClip:
         if not self.observes(step, logging):
             return {}
         self._plan = _Plan(step=step, clip=self.is_clip_step(step))
-        device = _local(self.layers[0].attention.qkv.weight).device
+        device = local(self.layers[0].attention.qkv.weight).device
         layers = len(self.layers)
         self._head_max = torch.full((layers, self.num_heads), float("-inf"), device=device)
         self._row_sum = torch.zeros((layers, self.num_heads + 1), dtype=torch.float64, device=device)
@@ -386,10 +376,6 @@ def _resolve_group(process_group: Any) -> Any:
     return process_group
 
 
-def _local(weight: torch.Tensor) -> torch.Tensor:
-    return weight.to_local() if isinstance(weight, DTensor) else weight
-
-
 def _local_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The tensor this rank may write in place and the first global row it holds."""
     if not isinstance(weight, DTensor):
@@ -397,22 +383,22 @@ def _local_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     mesh, placements = weight.device_mesh, weight.placements
     if mesh.ndim != 1 or placements[0] not in (Shard(0), Replicate()):
         raise ValueError(f"QKClip supports qkv DTensors on a 1-D mesh with Shard(0) or Replicate, got {placements}")
-    local = weight.to_local()
+    shard = local(weight)
     if placements[0] == Replicate():
-        return local, 0
+        return shard, 0
     start, end = row_shard_range(weight.shape[0], mesh.size(), mesh.get_local_rank())
-    if local.shape[0] != end - start:
-        raise ValueError(f"QKClip: local qkv shard has {local.shape[0]} rows, expected {end - start}")
-    return local, start
+    if shard.shape[0] != end - start:
+        raise ValueError(f"QKClip: local qkv shard has {shard.shape[0]} rows, expected {end - start}")
+    return shard, start
 
 
-def _scale_rows(local: torch.Tensor, start: int, factors: torch.Tensor) -> None:
-    """Multiply the rows of ``local`` (global rows ``start…``) by their factor; rows with factor 1 stay bitwise."""
-    f = factors[start : start + local.shape[0]].to(local.device)
+def _scale_rows(shard: torch.Tensor, start: int, factors: torch.Tensor) -> None:
+    """Multiply the rows of ``shard`` (global rows ``start…``) by their factor; rows with factor 1 stay bitwise."""
+    f = factors[start : start + shard.shape[0]].to(shard.device)
     rows = (f != 1).nonzero().squeeze(1)
     if rows.numel():
-        scaled = local.index_select(0, rows).double() * f[rows, None]
-        local.index_copy_(0, rows, scaled.to(local.dtype))
+        scaled = shard.index_select(0, rows).double() * f[rows, None]
+        shard.index_copy_(0, rows, scaled.to(shard.dtype))
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import torch
 
 from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
 from neobert_pt.modeling.modeling_neobert import apply_rotary
-from neobert_pt.optim.qk_clip import QKClip, is_clip_step, row_shard_range
+from neobert_pt.optim.qk_clip import QKClip, is_clip_step
 
 H, N_HEADS, D = 32, 2, 16
 
@@ -231,15 +231,6 @@ def test_packed_rows_only_count_pairs_inside_a_document():
     for i in range(2):
         assert metrics[f"train/max_attention_logit/layer_{i}"] == pytest.approx(per_doc[i].item(), rel=1e-5)
     assert (across - per_doc).abs().max() > 1e-2  # cross-document pairs would have changed the answer
-
-
-def test_row_shard_range_follows_torch_chunk():
-    assert [row_shard_range(9, 4, r) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 9)]
-    assert [row_shard_range(90, 2, r) for r in range(2)] == [(0, 45), (45, 90)]
-    for rows, world in ((17, 2), (10, 4), (3, 4)):
-        sizes = [c.shape[0] for c in torch.empty(rows).chunk(world)]
-        sizes += [0] * (world - len(sizes))
-        assert [e - s for s, e in (row_shard_range(rows, world, r) for r in range(world))] == sizes
 
 
 def test_rejects_bad_settings():
