@@ -345,11 +345,22 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
+def _find_torch_varlen() -> Callable[..., torch.Tensor] | None:
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return None
+    return getattr(importlib.import_module("torch.nn.attention.varlen"), "varlen_attn", None)
+
+
+# Looked up once at import, not inside the (possibly compiled) attention call: no import machinery or signature
+# inspection for dynamo to trace, so a compiled block stays one graph.
+_TORCH_VARLEN = _find_torch_varlen()
+# torch 2.10's varlen_attn has no ``scale`` argument (it applies 1/sqrt(d)); later versions take one
+_TORCH_VARLEN_TAKES_SCALE = _TORCH_VARLEN is not None and "scale" in inspect.signature(_TORCH_VARLEN).parameters
+
+
 def torch_varlen_available() -> bool:
     """Whether this torch has ``torch.nn.attention.varlen.varlen_attn`` (its kernel is CUDA-only)."""
-    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
-        return False
-    return hasattr(importlib.import_module("torch.nn.attention.varlen"), "varlen_attn")
+    return _TORCH_VARLEN is not None
 
 
 def varlen_reference(
@@ -403,13 +414,11 @@ def _torch_varlen_kernel(q, k, v, layout: NeoBERTAttentionLayout, scale: float, 
             f"attn_implementation='varlen' runs torch's flash kernel, which needs bf16/fp16 q/k/v, got {q.dtype}: "
             "set trainer.mixed_precision: bf16 (or use 'sdpa' / 'flex_attention')"
         )
-    varlen = importlib.import_module("torch.nn.attention.varlen").varlen_attn
-    if "scale" in inspect.signature(varlen).parameters:
-        return varlen(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen,
-                      scale=scale)
-    # older signature (torch 2.10) has no scale: it applies 1/sqrt(d), so fold the ratio into q
-    q = q * (scale * q.shape[-1] ** 0.5)
-    return varlen(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen)
+    cu, longest = layout.cu_seqlens, layout.max_seqlen
+    if _TORCH_VARLEN_TAKES_SCALE:
+        return _TORCH_VARLEN(q, k, v, cu, cu, longest, longest, scale=scale)
+    q = q * (scale * q.shape[-1] ** 0.5)  # the kernel applies 1/sqrt(d): fold the ratio to ``scale`` into q
+    return _TORCH_VARLEN(q, k, v, cu, cu, longest, longest)
 
 
 _VARLEN_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
