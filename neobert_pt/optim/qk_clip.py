@@ -25,7 +25,8 @@ Decisions (evidence in docs/optimizers.md, section QK-clip):
   bit-identical and FSDP2 ranks scale their own ``Shard(0)`` rows with the global row→head map (heads straddling
   shards included).
 * **Rank-symmetric collectives.** Whether ``after_step`` communicates depends only on ``(step, logging)``, never on
-  what a rank recorded; steps that did not observe issue no collective at all.
+  what a rank recorded; steps that did not observe issue no collective at all. The replay's FSDP2 gathers follow the
+  number of recorded micro-batches, which is the accumulation window on every rank.
 """
 
 from __future__ import annotations
@@ -247,16 +248,18 @@ class QKClip:
         same batch after the step has every head's max logit ≤ τ. Per layer and micro-batch: one call that stops
         once the logits are measured (QKV projection and logit max), then, if a later layer follows, one full layer
         call with the clipped weights. Every call goes through ``layer(...)``: under FSDP2 the layer's hooks gather
-        its parameters (twice per layer: before and after the clip), every rank in the same order. Returns η (L, nH).
+        its parameters for each call, every rank in the same order (ranks record equally many micro-batches).
+        Returns η (L, nH).
         """
         with _gathered(self._embedding_unit, hooked=False):  # layer_inputs calls the embedding without its hooks
             inputs = [self.encoder.layer_inputs(**batch, output_qk_logits=True) for batch in self._batches]
         hidden = [h for h, _, _ in inputs]
+        shared = [(rotary, layout) for _, rotary, layout in inputs]  # the same for every layer
         eta = torch.ones_like(self._head_max, dtype=torch.float64)
         for idx, (layer, unit) in enumerate(zip(self.layers, self._layer_units, strict=True)):
             hooked = unit is layer
             with _eval_mode(layer):
-                for h, (_, rotary, layout) in zip(hidden, inputs, strict=True):
+                for h, (rotary, layout) in zip(hidden, shared, strict=True):
                     with _gathered(unit, hooked):
                         _, _, per_row = layer(h, rotary, layout, measure_qk_logits=True)
                     self._accumulate(idx, per_row)
@@ -265,8 +268,7 @@ class QKClip:
                 _scale_rows(*_local_rows(layer.attention.qkv.weight), self._row_factors(eta[idx]))
                 if idx + 1 < len(self.layers):
                     with _gathered(unit, hooked):
-                        hidden = [layer(h, rotary, layout)[0] for h, (_, rotary, layout) in zip(hidden, inputs,
-                                                                                               strict=True)]
+                        hidden = [layer(h, *ctx)[0] for h, ctx in zip(hidden, shared, strict=True)]
         self._batches = []
         return eta
 
