@@ -11,8 +11,9 @@ Contract (see docs/contracts.md, docs/reliability.md and style.md §3.7):
   mismatch falls back to the previous good checkpoint with a warning naming the file;
 * ``latest`` is the pointer's target — the current timeline. After a rewind (resuming from an older step) newer
   folders of the abandoned timeline are ignored and reported, never picked because their number is larger;
-* contents, all in formats that cannot execute code when read: ``accelerator.save_state`` (model safetensors — or
-  sharded DCP under FSDP2 —, ``optimizer.bin`` read back with ``weights_only=True``), ``trainer_state.json`` (step,
+* contents, all in formats that cannot execute code when read: ``accelerator.save_state`` (single/DDP: model
+  safetensors and ``optimizer.bin`` read back with ``weights_only=True``; FSDP2/HSDP: sharded DCP folders written
+  by ``distributed.ShardedCheckpoint`` next to it), ``trainer_state.json`` (step,
   tokens, counters), one ``rank_state_<r>.json`` per rank (its data-loader position and its python / numpy / torch
   RNG states) and the resolved ``config.yaml``. accelerate's RNG pickles are not kept and nothing is registered as
   an accelerate custom object (those are pickles read with ``weights_only=False``). :func:`check_loadable` vets
@@ -316,6 +317,9 @@ class Checkpointer:
         self.save_total_limit = save_total_limit
         self.max_steps = max_steps
         self.parent_id: str | None = None  # id of the checkpoint this process's state descends from
+        # FSDP2/HSDP: the sharded model + optimizer state that accelerate's save_state does not hold
+        # (train/distributed.py ShardedCheckpoint: ``save(dir)``/``load(dir)``, collective); set by the trainer.
+        self.sharded: Any = None
 
     # ---- queries (pure filesystem, any rank) -------------------------------------------------------------------
     def step_dirs(self) -> list[Path]:
@@ -471,6 +475,8 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
             acc.wait_for_everyone()
             acc.save_state(str(tmp))
+            if self.sharded is not None:  # FSDP2/HSDP: model and optimizer as DCP folders (train/distributed.py)
+                self.sharded.save(tmp)
             for pkl in tmp.glob(f"random_states_{rank}.pkl"):  # kept as JSON below; never unpickled
                 pkl.unlink()
             _write_json(tmp / RANK_STATE.format(rank=rank), {**rank_state, "rng": capture_rng()})
@@ -552,6 +558,8 @@ class Checkpointer:
         check_loadable(path)
         try:
             acc.load_state(str(path))
+            if self.sharded is not None:
+                self.sharded.load(path)
         except Exception as e:  # noqa: BLE001 - the files passed the checks: report what the library said
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CheckpointError(f"cannot load the model/optimizer state of {path}: {type(e).__name__}: "

@@ -206,6 +206,7 @@ class Trainer:
         self.qk_clip = built.qk_clip
         self._raw_optimizer = built.optimizer
         self.optimizer = distributed.prepare_optimizer(acc, built.optimizer)
+        self.checkpointer.sharded = distributed.sharded_checkpoint(acc, self.model, built.optimizer)
         self.scheduler = build_scheduler(built.optimizer, run.scheduler, self.max_steps, plan=self.plan)
         self.state = TrainState()  # saved as JSON by the checkpointer, never registered as a pickled object
 
@@ -358,7 +359,7 @@ class Trainer:
         for i, batch in enumerate(window):
             batch = self._to_device(batch)
             sync = i == len(window) - 1  # gradients are all-reduced / reduce-scattered on the last only
-            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            with contextlib.nullcontext() if sync else distributed.no_sync(acc, self.model):
                 out = self.model(**batch, num_items_in_batch=global_masked, **qk_kwargs)
                 # DDP and FSDP2 average gradients over ranks; the loss is already divided by the global count,
                 # so undo the average by scaling with the world size.

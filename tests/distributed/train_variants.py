@@ -7,7 +7,7 @@ exactly as ``scripts/pretraining/pretrain.py`` builds a run (``load_config`` of 
 process start costs far more than a tiny run. Every variant gets a fresh ``Accelerator`` from
 ``distributed.make_accelerator`` (what the trainer would create itself) and its own output directory; between
 variants accelerate's singleton ``AcceleratorState`` is cleared (the process group, held by ``PartialState``, stays),
-otherwise the second Accelerator would inherit the first one's resolved state and lose the CPU FSDP2 switch.
+otherwise the second Accelerator would inherit the first one's resolved state (e.g. its mixed precision).
 
 Per variant and rank it writes ``OUT/<name>/dump_rank<r>.pt``:
 ``local`` (this rank's parameters: full tensors under DDP, its own shard under FSDP2), ``kinds`` (per parameter:
