@@ -8,42 +8,70 @@ Every field is declared with :func:`option` (default + one-line doc). YAML files
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from neobert_pt.errors import ConfigError
 from neobert_pt.fields import option
+from neobert_pt.modeling.configuration_neobert import (
+    ATTN_IMPLEMENTATIONS,
+    HIDDEN_ACTS,
+    NeoBERTConfig,
+    check_architecture,
+)
 from neobert_pt.optim.config import OptimizerConfig
+
+# The model section derives from NeoBERTConfig: its signature holds the defaults of every architecture key and
+# check_architecture holds their checks (neobert_pt/modeling/configuration_neobert.py), so they live in one place;
+# this section adds the one-line docs of the run config and the training-only keys (vocab_size: null, 'auto'
+# attention, scaling_rule, heads).
+_NEOBERT_DEFAULTS = {name: p.default for name, p in inspect.signature(NeoBERTConfig.__init__).parameters.items()
+                     if p.default is not inspect.Parameter.empty}
+TRAINING_ONLY_MODEL_KEYS = ("vocab_size", "scaling_rule", "heads")  # not NeoBERTConfig arguments as they stand here
+
+
+def _architecture(name: str, help: str) -> Any:  # noqa: A002 - the same name as option()'s
+    """An option of the model section whose default is NeoBERTConfig's argument of the same name."""
+    return option(_NEOBERT_DEFAULTS[name], help)
 
 
 @dataclass
 class ModelConfig:
     """NeoBERT architecture. Defaults reproduce the 100M recipe (hidden 768, 12 layers, 12 heads)."""
 
-    hidden_size: int = option(768, "Width of the residual stream.")
-    num_hidden_layers: int = option(12, "Number of encoder blocks (the 250M recipe uses 28).")
-    num_attention_heads: int = option(12, "Attention heads per block; hidden_size must be divisible by it.")
-    intermediate_size: int = option(
-        3072, "Nominal FFN width; SwiGLU uses 2/3 of it (rounded up to a multiple of 8) so FLOPs match a GELU FFN."
+    hidden_size: int = _architecture("hidden_size", "Width of the residual stream.")
+    num_hidden_layers: int = _architecture("num_hidden_layers", "Number of encoder blocks (the 250M recipe uses 28).")
+    num_attention_heads: int = _architecture(
+        "num_attention_heads", "Attention heads per block; hidden_size must be divisible by it.")
+    intermediate_size: int = _architecture(
+        "intermediate_size",
+        "Nominal FFN width; SwiGLU uses 2/3 of it (rounded up to a multiple of 8) so FLOPs match a GELU FFN.",
     )
     vocab_size: int | None = option(None, "Vocabulary size; null takes it from the tokenizer.")
-    max_position_embeddings: int = option(4096, "Longest sequence the rotary embedding is built for.")
-    norm_eps: float = option(1e-5, "Epsilon of the RMSNorm / LayerNorm layers.")
-    rope_theta: float = option(10000.0, "Rotary embedding base.")
-    hidden_act: Literal["swiglu", "gelu"] = option("swiglu", "FFN activation.")
-    rms_norm: bool = option(True, "RMSNorm (true) or LayerNorm (false) for the pre-norms.")
-    dropout: float = option(0.0, "Dropout on attention output and FFN output (NeoBERT pretrains without dropout).")
-    tie_word_embeddings: bool = option(True, "Tie the MLM decoder to the token embedding.")
-    initializer_range: float = option(0.02, "Std of the normal init of linear and embedding weights.")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen", "flex_attention"] = option(
-        "sdpa",
+    max_position_embeddings: int = _architecture(
+        "max_position_embeddings", "Longest sequence the rotary embedding is built for.")
+    norm_eps: float = _architecture("norm_eps", "Epsilon of the RMSNorm / LayerNorm layers.")
+    rope_theta: float = _architecture("rope_theta", "Rotary embedding base.")
+    hidden_act: Literal[HIDDEN_ACTS] = _architecture("hidden_act", "FFN activation.")
+    rms_norm: bool = _architecture("rms_norm", "RMSNorm (true) or LayerNorm (false) for the pre-norms.")
+    dropout: float = _architecture(
+        "dropout",
+        "Residual dropout on the attention block's output and the FFN output (training only; attention "
+        "probabilities are never dropped). NeoBERT pretrains without dropout.",
+    )
+    tie_word_embeddings: bool = _architecture("tie_word_embeddings", "Tie the MLM decoder to the token embedding.")
+    initializer_range: float = _architecture(
+        "initializer_range", "Std of the normal init of linear and embedding weights.")
+    attn_implementation: Literal[ATTN_IMPLEMENTATIONS] = _architecture(
+        "attn_implementation",
         "Attention backend. 'auto' picks the fastest exact one and logs one line saying which and why: on CUDA "
         "flash_attention_2 with flash-attn, else varlen (torch's varlen_attn, when this torch has it), else "
         "flex_attention (compiled, document block mask; also in fp32, as the varlen kernels need bf16); sdpa on CPU. "
         "The varlen backends unpad once per forward.",
     )
-    masked_logits_only: bool = option(
-        True, "Compute the MLM decoder only on masked positions (same loss, far less compute)."
+    masked_logits_only: bool = _architecture(
+        "masked_logits_only", "Compute the MLM decoder only on masked positions (same loss, far less compute)."
     )
     scaling_rule: str | None = option(
         None,
@@ -57,12 +85,24 @@ class ModelConfig:
             from neobert_pt.config.scaling import apply_scaling_rule
 
             apply_scaling_rule(self)
-        _require_positive(self, "model", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ConfigError(
-                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads "
-                f"({self.num_attention_heads}); change one of them."
+        try:
+            check_architecture(
+                hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+                num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+                hidden_act=self.hidden_act, dropout=self.dropout, attn_implementation=self.attn_implementation,
+                prefix="model.",
             )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def architecture(self) -> dict[str, Any]:
+        """The keys that are NeoBERTConfig arguments (everything but the training-only keys)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in TRAINING_ONLY_MODEL_KEYS}
+
+    def neobert_config(self, *, vocab_size: int, **extra: Any) -> NeoBERTConfig:
+        """The model's ``NeoBERTConfig``: this section's architecture, the resolved ``vocab_size`` and ``extra``
+        arguments (``pad_token_id``, or a resolved ``attn_implementation`` that replaces this section's)."""
+        return NeoBERTConfig(**{**self.architecture(), **extra}, vocab_size=vocab_size)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from neobert_pt.evaluate.errors import EvalError
@@ -125,14 +125,13 @@ def materialize_checkpoint(ckpt: Path) -> tuple[tempfile.TemporaryDirectory, int
 
     from neobert_pt.config import load_config
     from neobert_pt.data import build_tokenizer
-    from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
+    from neobert_pt.modeling import NeoBERTForMaskedLM
 
     run = load_config(ckpt / "config.yaml")
     tokenizer = build_tokenizer(run)
-    fields = asdict(run.model)
-    vocab = fields.pop("vocab_size") or len(tokenizer)
+    vocab = run.model.vocab_size or len(tokenizer)
     with torch.random.fork_rng(devices=[]):
-        model = NeoBERTForMaskedLM(NeoBERTConfig(**fields, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id))
+        model = NeoBERTForMaskedLM(run.model.neobert_config(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id))
     result = model.load_state_dict(_checkpoint_state_dict(ckpt), strict=False)
     missing = [k for k in result.missing_keys if k != "lm_head.weight"]  # the tied decoder is stored once
     if missing or result.unexpected_keys:

@@ -78,9 +78,44 @@ def resolve_attn_implementation(name: str, half_precision: bool = True) -> str:
     return choice
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+def _check_choice(prefix: str, name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"NeoBERTConfig.{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+        raise ValueError(f"{prefix}{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+def check_architecture(
+    *,
+    hidden_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+    hidden_act: str,
+    dropout: float,
+    attn_implementation: str | None,
+    prefix: str = "NeoBERTConfig.",
+) -> None:
+    """The checks of a NeoBERT architecture, shared by :class:`NeoBERTConfig` and the run config's ``model`` section
+    (``neobert_pt/config/schema.py``, ``prefix="model."``). Raises ``ValueError`` naming ``{prefix}<key>``, the
+    value and the fix."""
+    for name, value in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),
+                        ("num_attention_heads", num_attention_heads), ("intermediate_size", intermediate_size)):
+        if value < 1:
+            raise ValueError(f"{prefix}{name} must be >= 1, got {value}.")
+    _check_choice(prefix, "hidden_act", hidden_act, HIDDEN_ACTS)
+    if attn_implementation is not None:
+        _check_choice(prefix, "attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+    if hidden_size % num_attention_heads != 0:
+        raise ValueError(
+            f"{prefix}hidden_size ({hidden_size}) must be divisible by {prefix}num_attention_heads "
+            f"({num_attention_heads}); change one of them."
+        )
+    if (hidden_size // num_attention_heads) % 2 != 0:
+        raise ValueError(
+            f"{prefix}hidden_size / {prefix}num_attention_heads = {hidden_size // num_attention_heads} (the head dim) "
+            "must be even for RoPE; change one of them."
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{prefix}dropout={dropout} must be in [0, 1).")
 
 
 class NeoBERTConfig(PreTrainedConfig):
@@ -88,8 +123,9 @@ class NeoBERTConfig(PreTrainedConfig):
 
     The defaults reproduce the NeoBERT **100M recipe** (hidden 768, 12 layers, 12 heads, SwiGLU inner width 2048,
     4096 positions); the 250M recipe is the same with ``num_hidden_layers=28``. Every field of
-    ``neobert_pt.config.schema.ModelConfig`` is accepted with the same name and meaning, so the trainer can build
-    ``NeoBERTConfig(**model_fields, vocab_size=..., pad_token_id=...)``.
+    ``neobert_pt.config.schema.ModelConfig`` that describes the architecture is an argument here with the same name
+    and meaning: this signature holds the defaults and :func:`check_architecture` the checks of both, and the
+    trainer builds the model config with ``ModelConfig.neobert_config(vocab_size=..., pad_token_id=...)``.
 
     Args:
         vocab_size (`int`, defaults to 30522): rows of the token embedding (= columns of the tied MLM decoder);
@@ -105,8 +141,9 @@ class NeoBERTConfig(PreTrainedConfig):
         rope_theta (`float`, defaults to 10000.0): rotary embedding base θ.
         hidden_act (`str`, defaults to ``"swiglu"``): FFN activation, ``"swiglu"`` or ``"gelu"``.
         rms_norm (`bool`, defaults to True): RMSNorm (True) or bias-free LayerNorm (False) for every norm.
-        dropout (`float`, defaults to 0.0): dropout on the attention output and the FFN output (NeoBERT pretrains
-            without dropout).
+        dropout (`float`, defaults to 0.0): residual dropout, applied in training mode to the attention block's
+            output and to the FFN output before each is added to the residual stream (``NeoBERTLayer``); attention
+            probabilities are never dropped. NeoBERT pretrains without dropout.
         tie_word_embeddings (`bool`, defaults to True): the MLM decoder IS the token embedding matrix.
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
         attn_implementation (`str`, defaults to ``"sdpa"``): ``"sdpa"``, ``"eager"`` (supports
@@ -153,19 +190,11 @@ class NeoBERTConfig(PreTrainedConfig):
         classifier_activation: str = "tanh",
         **kwargs,
     ) -> None:
-        _check_choice("hidden_act", hidden_act, HIDDEN_ACTS)
+        check_architecture(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                           num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                           hidden_act=hidden_act, dropout=dropout, attn_implementation=attn_implementation)
         if attn_implementation is not None:
-            _check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
             attn_implementation = resolve_attn_implementation(attn_implementation)
-        if hidden_size % num_attention_heads != 0:
-            raise ValueError(
-                f"NeoBERTConfig.hidden_size ({hidden_size}) must be divisible by num_attention_heads "
-                f"({num_attention_heads})"
-            )
-        if (hidden_size // num_attention_heads) % 2 != 0:
-            raise ValueError("NeoBERTConfig: head dim (hidden_size / num_attention_heads) must be even for RoPE")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"NeoBERTConfig.dropout={dropout} must be in [0, 1)")
         self.vocab_size = 30522 if vocab_size is None else vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict
 
 import torch
 
@@ -34,14 +33,11 @@ _PLACEHOLDER_VOCAB = 30522  # the embedding is not counted in P; any vocab gives
 
 def meta_model(run: RunConfig) -> torch.nn.Module:
     """The configured model on the meta device (shapes only)."""
-    from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
+    from neobert_pt.modeling import NeoBERTForMaskedLM
 
-    fields = asdict(run.model)
-    for key in ("scaling_rule", "heads"):
-        fields.pop(key, None)
-    vocab = fields.pop("vocab_size") or _PLACEHOLDER_VOCAB
+    vocab = run.model.vocab_size or _PLACEHOLDER_VOCAB
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # never moves the run's RNG streams
-        return NeoBERTForMaskedLM(NeoBERTConfig(**fields, vocab_size=vocab))
+        return NeoBERTForMaskedLM(run.model.neobert_config(vocab_size=vocab))
 
 
 def non_embedding_params(run: RunConfig) -> int:

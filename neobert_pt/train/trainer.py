@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +135,7 @@ class Trainer:
     @_close_on_failure
     def __init__(self, run: RunConfig, *, accelerator: Any = None) -> None:
         from neobert_pt.data import build_data, build_tokenizer
-        from neobert_pt.modeling import NeoBERTConfig, NeoBERTForMaskedLM
+        from neobert_pt.modeling import NeoBERTForMaskedLM
         from neobert_pt.modeling.configuration_neobert import resolve_attn_implementation
 
         self.run = run
@@ -177,17 +176,15 @@ class Trainer:
         logger.info(self.data.describe())
         self.train_iter = iter(self.data.train)
 
-        model_fields = asdict(run.model)
-        vocab = model_fields.pop("vocab_size") or len(self.tokenizer)
+        vocab = run.model.vocab_size or len(self.tokenizer)
         if vocab < len(self.tokenizer):
             raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(self.tokenizer)} tokens); "
                               "set it >= that or null")
-        if model_fields["attn_implementation"] == "auto":  # resolved here, where the precision is known
-            model_fields["attn_implementation"] = resolve_attn_implementation(
+        resolved: dict[str, Any] = {"pad_token_id": self.tokenizer.pad_token_id}
+        if run.model.attn_implementation == "auto":  # resolved here, where the precision is known
+            resolved["attn_implementation"] = resolve_attn_implementation(
                 "auto", half_precision=acc.mixed_precision == "bf16")
-        model = NeoBERTForMaskedLM(
-            NeoBERTConfig(**model_fields, vocab_size=vocab, pad_token_id=self.tokenizer.pad_token_id)
-        )
+        model = NeoBERTForMaskedLM(run.model.neobert_config(vocab_size=vocab, **resolved))
         if tcfg.activation_checkpointing:
             model.gradient_checkpointing_enable()
         if tcfg.torch_compile:  # torchtitan's order: activation checkpointing -> compile -> DDP/FSDP2 wrap

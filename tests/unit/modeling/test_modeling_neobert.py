@@ -331,13 +331,12 @@ def test_100m_recipe_parameter_count():
 
 
 def test_config_validation_and_schema_fields():
-    from dataclasses import asdict
-
     from neobert_pt.config.schema import ModelConfig
 
-    fields = asdict(ModelConfig(hidden_size=64, num_attention_heads=4))
-    fields["vocab_size"] = 123
-    cfg = NeoBERTConfig(**fields, pad_token_id=0)
+    section = ModelConfig(hidden_size=64, num_attention_heads=4)
+    fields = section.architecture()
+    cfg = section.neobert_config(vocab_size=123, pad_token_id=0)
+    assert cfg.vocab_size == 123 and not hasattr(cfg, "scaling_rule")  # training-only keys stay in the run config
     for name, value in fields.items():
         if name == "attn_implementation":
             assert cfg._attn_implementation == value
