@@ -8,6 +8,8 @@ separately on a clip step.
     python benchmarks/optimizer_step.py                         # widths 256..2048 on the default device
     python benchmarks/optimizer_step.py --widths 768 --layers 12 --vocab-size 30522   # the 100M recipe
     python benchmarks/optimizer_step.py --smoke                 # seconds-long structure check (CI)
+    python benchmarks/optimizer_step.py --widths 768 --layers 12 --interleave --optimizers adamw adana-fused \
+        dana-star-mk4-fused                                     # the CPU bar for the fused DANA update
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import time
 
@@ -63,6 +66,30 @@ def optimizer_config(name: str, tweaks: dict) -> OptimizerConfig:
     return cfg
 
 
+def interleaved_step_ms(variants: list[tuple[str, str, dict]], model, params, grads, args,
+                        device: torch.device) -> dict[str, float]:
+    """Median ms per step with the optimizers stepped round-robin (one step each per round), all alive at once.
+
+    On a machine shared with other jobs the load drifts during a run; back-to-back blocks of repeats then compare
+    optimizers under different loads, round-robin rounds compare them under the same one.
+    """
+    opts = {label: build_optimizer(OptimizerContext(model=model, config=optimizer_config(name, tweaks),
+                                                    max_steps=10_000)).optimizer
+            for label, name, tweaks in variants}
+    times: dict[str, list[float]] = {label: [] for label in opts}
+    for i in range(args.warmup + args.repeats):
+        for label, opt in opts.items():
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            synchronize(device)
+            start = time.perf_counter()
+            opt.step()
+            synchronize(device)
+            if i >= args.warmup:
+                times[label].append((time.perf_counter() - start) * 1e3)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def measure(width: int, args, device: torch.device, names: list[str]) -> list[dict]:
     torch.manual_seed(0)
     model = build_model(width, args.layers, args.vocab_size, device)
@@ -73,10 +100,11 @@ def measure(width: int, args, device: torch.device, names: list[str]) -> list[di
         "attention_mask": torch.ones(args.batch, args.seq_len, dtype=torch.long, device=device),
     }
     n_params = sum(p.numel() for p in params)
+    variants = [(label, name, tweaks) for label, name, tweaks in VARIANTS if label in names]
+    interleave = getattr(args, "interleave", False)  # gpu_suite.py calls measure() with its own namespace
+    interleaved = interleaved_step_ms(variants, model, params, grads, args, device) if interleave else {}
     rows = []
-    for label, name, tweaks in VARIANTS:
-        if label not in names:
-            continue
+    for label, name, tweaks in variants:
         built = build_optimizer(OptimizerContext(model=model, config=optimizer_config(name, tweaks), max_steps=10_000))
         opt = built.optimizer
 
@@ -85,7 +113,8 @@ def measure(width: int, args, device: torch.device, names: list[str]) -> list[di
                 p.grad = g
             opt.step()
 
-        step_ms = median_ms(step, device=device, repeats=args.repeats, warmup=args.warmup)
+        step_ms = interleaved[label] if interleave else \
+            median_ms(step, device=device, repeats=args.repeats, warmup=args.warmup)
         row = {"width": width, "optimizer": label, "params_M": n_params / 1e6, "step_ms": step_ms}
         if built.qk_clip is not None:
             clip, times = built.qk_clip, []
@@ -122,6 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="labels to run; also muonclip_noclip, muonclip_fastcpu, dion2_fastcpu (exact vs fast CPU path); "
                    "the *-fused ones compile the DANA kernel once (tens of seconds on a CPU)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--interleave", action="store_true",
+                   help="step the optimizers round-robin (all built at once) instead of one block of repeats each: "
+                   "fairer ratios on a machine whose load changes during the run")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat: checks the output structure only")
     args = p.parse_args(argv)
     if args.smoke:
@@ -132,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     rows = [r for w in args.widths for r in measure(w, args, device, args.optimizers)]
     meta = {"device": device_name(device), "torch": torch.__version__, "layers": args.layers,
-            "vocab_size": args.vocab_size, "repeats": args.repeats}
+            "vocab_size": args.vocab_size, "repeats": args.repeats, "interleave": args.interleave,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     return emit("optimizer_step", meta, rows,
                 ["width", "params_M", "optimizer", "step_ms", "ratio_vs_adamw", "qk_clip_ms"])
 
