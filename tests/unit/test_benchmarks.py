@@ -38,6 +38,14 @@ def test_optimizer_step_reports_every_optimizer_with_ratio():
     assert _finite_positive(rows["dion2_qk"]["qk_clip_ms"]) and "qk_clip_ms" not in rows["dion2"]
 
 
+def test_optimizer_step_interleaved_rounds_give_the_same_rows():
+    payload = _run("optimizer_step.py", "--interleave", "--optimizers", "adamw", "adana", "dion2_qk")
+    rows = {r["optimizer"]: r for r in payload["results"]}
+    assert set(rows) == {"adamw", "adana", "dion2_qk"} and payload["interleave"] is True
+    assert rows["adamw"]["ratio_vs_adamw"] == 1.0 and _finite_positive(rows["dion2_qk"]["qk_clip_ms"])
+    assert all(_finite_positive(r["step_ms"]) for r in rows.values())
+
+
 def test_model_throughput_compares_neobert_with_transformers_peers():
     payload = _run("model_throughput.py")
     measured = [r for r in payload["results"] if "tokens_per_sec" in r]
