@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from neobert_pt.config import RunConfig
+from neobert_pt.config import ConfigError, RunConfig
 from neobert_pt.optim.catalog import optimizer_entries, optimizer_entry, register_optimizer
 from neobert_pt.optim.registry import load_builder
 
@@ -61,7 +61,7 @@ def test_registration_is_closed_once_the_section_is_built():
     RunConfig()  # the section exists: neobert_pt.config is imported
     with pytest.raises(RuntimeError, match="registered after the optimizer config section was built"):
         register_optimizer("late", summary="too late", builder="math:sqrt")
-    with pytest.raises(Exception, match="'late' is not registered; valid: adamw"):
+    with pytest.raises(ConfigError, match="optimizer.name='late' is not registered; valid: adamw, adamw-decaying-wd"):
         optimizer_entry("late")
 
 
