@@ -119,10 +119,7 @@ class QKClip:
         # The model inputs that rebuild the first layer's input (the rest of a micro-batch, labels etc., is not kept).
         flags = {"output_attentions", "output_qk_logits"}
         self._input_keys = tuple(k for k in inspect.signature(self.encoder.layer_inputs).parameters if k not in flags)
-        # FSDP2 unit whose parameters the embedding (called directly by layer_inputs) lives in; None when unsharded.
-        parents = {child: m for m in model.modules() for child in m.children()}
-        self._embedding_unit = _fsdp_unit(self.encoder.get_input_embeddings(), parents)
-        self._layer_units = [_fsdp_unit(layer, parents) for layer in self.layers]
+        self.model = model
         first = self.layers[0].attention
         self.num_heads, self.head_dim = int(first.num_heads), int(first.head_dim)
         for layer in self.layers:
@@ -251,12 +248,17 @@ class QKClip:
         its parameters for each call, every rank in the same order (ranks record equally many micro-batches).
         Returns η (L, nH).
         """
-        with _gathered(self._embedding_unit, hooked=False):  # layer_inputs calls the embedding without its hooks
+        # The FSDP2 units owning the embedding and each layer (None when unsharded), looked up now: the model may
+        # have been sharded after this QKClip was built.
+        parents = {child: m for m in self.model.modules() for child in m.children()}
+        units = [_fsdp_unit(layer, parents) for layer in self.layers]
+        embedding_unit = _fsdp_unit(self.encoder.get_input_embeddings(), parents)
+        with _gathered(embedding_unit, hooked=False):  # layer_inputs calls the embedding without its hooks
             inputs = [self.encoder.layer_inputs(**batch, output_qk_logits=True) for batch in self._batches]
         hidden = [h for h, _, _ in inputs]
         shared = [(rotary, layout) for _, rotary, layout in inputs]  # the same for every layer
         eta = torch.ones_like(self._head_max, dtype=torch.float64)
-        for idx, (layer, unit) in enumerate(zip(self.layers, self._layer_units, strict=True)):
+        for idx, (layer, unit) in enumerate(zip(self.layers, units, strict=True)):
             hooked = unit is layer
             with _eval_mode(layer):
                 for h, (rotary, layout) in zip(hidden, shared, strict=True):

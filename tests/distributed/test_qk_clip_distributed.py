@@ -71,11 +71,14 @@ def _fake_update(model) -> None:
         layer.attention.qkv.weight.mul_(1.05)
 
 
-def _clip_step(model, forward, inputs, **kw) -> dict[str, float]:
+def _qk_clip(model, **kw):
     from neobert_pt.optim.qk_clip import QKClip
 
-    kw = {"statistic": "max", **kw}
-    clip = QKClip(model, threshold=TAU, alpha=0.5, interval=2, warmup_steps=2, **kw)
+    return QKClip(model, threshold=TAU, alpha=0.5, interval=2, warmup_steps=2, **{"statistic": "max", **kw})
+
+
+def _clip_step(model, forward, inputs, clip=None, **kw) -> dict[str, float]:
+    clip = clip or _qk_clip(model, **kw)
     forward_kwargs = clip.begin_step(STEP, logging=False)
     with torch.no_grad():
         clip.record(inputs, forward(**inputs, **forward_kwargs))
@@ -132,15 +135,17 @@ def _work(rank: int, out_dir: str) -> dict:
     mesh = init_device_mesh("cpu", (WORLD,))
     fsdp = {}
     # per-layer units (the trainer's wrapping), units that keep their gathered parameters after a forward, and
-    # the root alone (layers are not units: QK-clip gathers the root around each layer call)
+    # the root alone (layers are not units: QK-clip gathers the root around each layer call; that QKClip is built
+    # before the model is sharded, so nothing it needs may be looked up at construction)
     for name, per_layer, reshard in (("fsdp", True, True), ("fsdp_keep", True, False), ("fsdp_root", False, True)):
         model = _model()
+        early = _qk_clip(model, process_group=mesh) if name == "fsdp_root" else None
         if per_layer:
             for layer in model.model.layers:
                 fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         fsdp[f"{name}_local_rows"] = model.model.layers[0].attention.qkv.weight.to_local().shape[0]
-        fsdp[f"{name}_metrics"] = _clip_step(model, model, _batch(rank), process_group=mesh)
+        fsdp[f"{name}_metrics"] = _clip_step(model, model, _batch(rank), clip=early, process_group=mesh)
         _reshard(model)  # the check below gathers the clipped shards afresh
         attentions = [layer.attention for layer in model.model.layers]
         fsdp[f"{name}_post"] = _max_logits(model, attentions, _batch(rank))
