@@ -4,8 +4,8 @@ DDP: after the clip step the parameters are bit-identical on both ranks and equa
 union of the two batches (max statistic: bit-exact; mean: ≤1e-6 relative, its fp64 sums run in another order).
 FSDP2 (``fully_shard`` per layer + root; hidden 30 → qkv 90 rows, 45 per rank, so layer 0's head-1 K rows 40..49
 straddle the shard boundary): the replay calls each layer as a module, so FSDP2's own hooks gather and free its
-parameters (also with ``reshard_after_forward=False``, and when only the root is sharded: QK-clip then gathers the
-root itself); the gathered weights equal the same single-process result bit-for-bit, and a forward pass through
+parameters (also with ``reshard_after_forward=False``, with train/distributed.py's grouped unit for the embedding,
+tied head and final norm, and when only the root is sharded: QK-clip then gathers the root itself); the gathered weights equal the same single-process result bit-for-bit, and a forward pass through
 the sharded model has every head's max logit ≤ τ.
 """
 
@@ -134,15 +134,20 @@ def _work(rank: int, out_dir: str) -> dict:
 
     mesh = init_device_mesh("cpu", (WORLD,))
     fsdp = {}
-    # per-layer units (the trainer's wrapping), units that keep their gathered parameters after a forward, and
-    # the root alone (layers are not units: QK-clip gathers the root around each layer call; that QKClip is built
-    # before the model is sharded, so nothing it needs may be looked up at construction)
-    for name, per_layer, reshard in (("fsdp", True, True), ("fsdp_keep", True, False), ("fsdp_root", False, True)):
+    # per-layer units; units that keep their gathered parameters after a forward; the root alone (layers are not
+    # units: QK-clip gathers the root around each layer call; that QKClip is built before the model is sharded, so
+    # nothing it needs may be looked up at construction); and train/distributed.py's wrapping: blocks, one grouped
+    # unit for the ends (embedding = tied head, final norm) kept gathered after a forward, then the root
+    modes = (("fsdp", True, True), ("fsdp_keep", True, False), ("fsdp_root", False, True), ("fsdp_ends", True, True))
+    for name, per_layer, reshard in modes:
         model = _model()
         early = _qk_clip(model, process_group=mesh) if name == "fsdp_root" else None
         if per_layer:
             for layer in model.model.layers:
                 fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+        if name == "fsdp_ends":
+            ends = [model.model.final_norm, model.get_input_embeddings(), model.get_output_embeddings()]
+            fully_shard(list(dict.fromkeys(ends)), mesh=mesh, reshard_after_forward=False)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         fsdp[f"{name}_local_rows"] = model.model.layers[0].attention.qkv.weight.to_local().shape[0]
         fsdp[f"{name}_metrics"] = _clip_step(model, model, _batch(rank), clip=early, process_group=mesh)
@@ -166,7 +171,7 @@ def test_qk_clip_ddp_and_fsdp2_match_one_process_on_the_union_batch(tmp_path) ->
     attentions = [layer.attention for layer in reference.model.layers]
     assert (_max_logits(reference, attentions, _union()) <= TAU * (1 + 1e-3)).all()
 
-    fsdp_modes = ("fsdp", "fsdp_keep", "fsdp_root")
+    fsdp_modes = ("fsdp", "fsdp_keep", "fsdp_root", "fsdp_ends")
     for mode in fsdp_modes:  # odd shard: head 1's K rows straddle rows 45
         assert [r[f"{mode}_local_rows"] for r in results] == [45, 45]
     for r, res in enumerate(results):
