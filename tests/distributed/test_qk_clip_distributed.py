@@ -5,8 +5,9 @@ union of the two batches (max statistic: bit-exact; mean: ≤1e-6 relative, its 
 FSDP2 (``fully_shard`` per layer + root; hidden 30 → qkv 90 rows, 45 per rank, so layer 0's head-1 K rows 40..49
 straddle the shard boundary): the replay calls each layer as a module, so FSDP2's own hooks gather and free its
 parameters (also with ``reshard_after_forward=False``, with train/distributed.py's grouped unit for the embedding,
-tied head and final norm, and when only the root is sharded: QK-clip then gathers the root itself); the gathered weights equal the same single-process result bit-for-bit, and a forward pass through
-the sharded model has every head's max logit ≤ τ.
+tied head and final norm, and when only the root is sharded: QK-clip then gathers the root itself); the gathered
+weights equal the same single-process result bit-for-bit, and a forward pass through the sharded model has every
+head's max logit ≤ τ.
 """
 
 from __future__ import annotations
