@@ -67,27 +67,29 @@ def optimizer_config(name: str, tweaks: dict) -> OptimizerConfig:
 
 
 def interleaved_step_ms(variants: list[tuple[str, str, dict]], model, params, grads, args,
-                        device: torch.device) -> dict[str, float]:
-    """Median ms per step with the optimizers stepped round-robin (one step each per round), all alive at once.
+                        device: torch.device) -> dict[str, tuple[float, float]]:
+    """(median wall ms, median process-CPU ms) per step, the optimizers stepped round-robin, all alive at once.
 
     On a machine shared with other jobs the load drifts during a run; back-to-back blocks of repeats then compare
-    optimizers under different loads, round-robin rounds compare them under the same one.
+    optimizers under different loads, round-robin rounds compare them under the same one. The CPU time (all this
+    process's threads) counts the work done rather than the time waited for a core: with one thread
+    (``OMP_NUM_THREADS=1``) it is the least load-sensitive measure; with more, it includes OpenMP spin-waiting.
     """
     opts = {label: build_optimizer(OptimizerContext(model=model, config=optimizer_config(name, tweaks),
                                                     max_steps=10_000)).optimizer
             for label, name, tweaks in variants}
-    times: dict[str, list[float]] = {label: [] for label in opts}
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in opts}
     for i in range(args.warmup + args.repeats):
         for label, opt in opts.items():
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
             synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             opt.step()
             synchronize(device)
             if i >= args.warmup:
-                times[label].append((time.perf_counter() - start) * 1e3)
-    return {label: statistics.median(t) for label, t in times.items()}
+                times[label].append(((time.perf_counter() - start) * 1e3, (time.process_time() - cpu_start) * 1e3))
+    return {label: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for label, t in times.items()}
 
 
 def measure(width: int, args, device: torch.device, names: list[str]) -> list[dict]:
@@ -113,9 +115,11 @@ def measure(width: int, args, device: torch.device, names: list[str]) -> list[di
                 p.grad = g
             opt.step()
 
-        step_ms = interleaved[label] if interleave else \
+        step_ms = interleaved[label][0] if interleave else \
             median_ms(step, device=device, repeats=args.repeats, warmup=args.warmup)
         row = {"width": width, "optimizer": label, "params_M": n_params / 1e6, "step_ms": step_ms}
+        if interleave:
+            row["cpu_ms"] = interleaved[label][1]
         if built.qk_clip is not None:
             clip, times = built.qk_clip, []
             for i in range(args.warmup + args.repeats):
@@ -133,8 +137,11 @@ def measure(width: int, args, device: torch.device, names: list[str]) -> list[di
         rows.append(row)
         del built, opt
     base = next(r["step_ms"] for r in rows if r["optimizer"] == "adamw") if "adamw" in names else None
+    base_cpu = next((r.get("cpu_ms") for r in rows if r["optimizer"] == "adamw"), None)
     for r in rows:
         r["ratio_vs_adamw"] = r["step_ms"] / base if base else None
+        if base_cpu and "cpu_ms" in r:
+            r["cpu_ratio_vs_adamw"] = r["cpu_ms"] / base_cpu
     return rows
 
 
@@ -167,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
             "vocab_size": args.vocab_size, "repeats": args.repeats, "interleave": args.interleave,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     return emit("optimizer_step", meta, rows,
-                ["width", "params_M", "optimizer", "step_ms", "ratio_vs_adamw", "qk_clip_ms"])
+                ["width", "params_M", "optimizer", "step_ms", "ratio_vs_adamw", "qk_clip_ms"]
+                + (["cpu_ms", "cpu_ratio_vs_adamw"] if args.interleave else []))
 
 
 if __name__ == "__main__":

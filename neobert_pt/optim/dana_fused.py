@@ -93,9 +93,15 @@ def compiled_available() -> tuple[bool, str]:
     return True, "torch.compile (inductor C++)"
 
 
-def _kernel(name: str) -> Callable[..., None]:
+def kernel(name: str) -> Callable[..., None]:
+    """The compiled kernel ``name`` ("adana" or "dana_star"), built on first use; args: flat p, g, m, v[, tau], c."""
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
+        # cpp.dynamic_threads: the C++ kernel takes its thread count from OpenMP at run time. Without it inductor
+        # specialises the kernel to the compiling process's torch.get_num_threads(); on a 2-core machine whose
+        # inductor cache had been filled by 1-thread processes (the test suite runs with 1 thread), a 2-thread
+        # process was served a kernel with no OpenMP region at all, i.e. half the machine.
+        _COMPILED[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True,
+                                        options={"cpp.dynamic_threads": True})
     return _COMPILED[name]
 
 
@@ -108,7 +114,7 @@ def run_fused(name: str, tensors: list[list[Tensor]], scalars: list[float]) -> b
     if name in _DISABLED or not fusable(tensors):
         return False
     c = torch.tensor(scalars, dtype=torch.float32, device=tensors[0][0].device)
-    fn = _kernel(name)
+    fn = kernel(name)
     for i, row in enumerate(zip(*tensors, strict=True)):
         try:
             fn(*(x.view(-1) for x in row), c)

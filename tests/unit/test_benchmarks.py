@@ -43,7 +43,19 @@ def test_optimizer_step_interleaved_rounds_give_the_same_rows():
     rows = {r["optimizer"]: r for r in payload["results"]}
     assert set(rows) == {"adamw", "adana", "dion2_qk"} and payload["interleave"] is True
     assert rows["adamw"]["ratio_vs_adamw"] == 1.0 and _finite_positive(rows["dion2_qk"]["qk_clip_ms"])
-    assert all(_finite_positive(r["step_ms"]) for r in rows.values())
+    assert all(_finite_positive(r["step_ms"]) and _finite_positive(r["cpu_ms"]) for r in rows.values())
+    assert rows["adamw"]["cpu_ratio_vs_adamw"] == 1.0
+
+
+@pytest.mark.slow  # compiles the two DANA kernels and three probes (tens of seconds on a cold inductor cache)
+def test_dana_kernel_cost_reports_kernels_floors_and_the_clock():
+    payload = _run("dana_kernel_cost.py")
+    rows = {r["case"]: r for r in payload["results"]}
+    assert set(rows) == {"adamw", "adana", "dana-star", "memory floor", "clock: log + exp2 added",
+                         "log pass, compiled: log added", "log pass, eager ATen: log added"}
+    assert rows["adamw"]["ratio_vs_adamw"] == 1.0
+    assert all(_finite_positive(rows[c]["ms"]) for c in ("adamw", "adana", "dana-star", "memory floor"))
+    assert all(r["ms"] >= 0.0 for r in rows.values())
 
 
 def test_model_throughput_compares_neobert_with_transformers_peers():
