@@ -96,10 +96,10 @@ def compiled_available() -> tuple[bool, str]:
 def kernel(name: str) -> Callable[..., None]:
     """The compiled kernel ``name`` ("adana" or "dana_star"), built on first use; args: flat p, g, m, v[, tau], c."""
     if name not in _COMPILED:
-        # cpp.dynamic_threads: the C++ kernel takes its thread count from OpenMP at run time. Without it inductor
-        # specialises the kernel to the compiling process's torch.get_num_threads(); on a 2-core machine whose
-        # inductor cache had been filled by 1-thread processes (the test suite runs with 1 thread), a 2-thread
-        # process was served a kernel with no OpenMP region at all, i.e. half the machine.
+        # cpp.dynamic_threads: always one OpenMP loop, its thread count taken at run time. Without it inductor decides
+        # at compile time from torch.get_num_threads() and the FIRST example's size (a dynamic-shape kernel is then
+        # reused, from its on-disk cache too, for every size): compiled in a 1-thread process (the test suite) or
+        # first called on a small tensor, the kernel had no parallel loop and a 2-thread run used one core.
         _COMPILED[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True,
                                         options={"cpp.dynamic_threads": True})
     return _COMPILED[name]
