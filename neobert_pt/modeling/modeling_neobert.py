@@ -667,6 +667,15 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
             return requested_attention
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
+    def enable_activation_checkpointing(self, checkpoint_kwargs: dict | None = None) -> None:
+        """Recompute each NeoBERTLayer in the backward pass (``checkpoint_kwargs`` go to torch's checkpoint).
+
+        transformers renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` after 5.17 (the
+        old name is a deprecated alias there, to be removed in v6); this calls whichever the installed version has.
+        """
+        enable = getattr(self, "activation_checkpointing_enable", None) or self.gradient_checkpointing_enable
+        enable(checkpoint_kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) for every matrix, ones for norm gains, zeros for biases and the pad row."""

@@ -186,7 +186,7 @@ class Trainer:
                 "auto", half_precision=acc.mixed_precision == "bf16")
         model = NeoBERTForMaskedLM(run.model.neobert_config(vocab_size=vocab, **resolved))
         if tcfg.activation_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.enable_activation_checkpointing()
         if tcfg.torch_compile:  # torchtitan's order: activation checkpointing -> compile -> DDP/FSDP2 wrap
             compile_blocks(model)
         self.num_params = sum(p.numel() for p in model.parameters())

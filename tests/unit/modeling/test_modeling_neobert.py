@@ -287,7 +287,7 @@ def test_gradient_checkpointing_same_gradients(make_config):
     model(**batch, labels=labels).loss.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_activation_checkpointing({"use_reentrant": False})
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     model(**batch, labels=labels).loss.backward()
     for n, p in model.named_parameters():

@@ -265,7 +265,7 @@ def test_training_step_with_backward_and_a_real_optimizer():
 
 def test_activation_checkpointing_recomputation_is_not_observed_twice():
     model, mb = tiny_model().train(), batch(10)
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.enable_activation_checkpointing({"use_reentrant": False})
     clip = make_clip(model, interval=100)
     forward_kwargs = clip.begin_step(1, logging=True)
     out = model(**mb, labels=mb["input_ids"], **forward_kwargs)
