@@ -6,7 +6,8 @@ distinct block-matrix shape of the model one matrix is stepped by :class:`neober
 counted collective bytes are compared with an all-reduce of the full gradient (what DDP/FSDP's replicate all-reduce
 moves); the scalar parameters (embedding = tied head, norms) are all-reduced in full in both modes. Counts are
 measured from the collectives actually issued (``neobert_pt/optim/comm.py``), then multiplied by how many matrices
-of each shape the model has; the spec's formula ``(m+n)·r / (m·n)`` is printed next to the measured ratio.
+of each shape the model has; the formula of docs/specs/dion.md §2.7 ``(m+n)·r / (m·n)`` is printed next to the measured
+ratio.
 
     python benchmarks/dion_comm.py                         # the 100M recipe (hidden 768, 12 layers), fractions 0.25 and 0.5
     python benchmarks/dion_comm.py --hidden 256 --layers 4 --vocab-size 30522 --fractions 0.25

@@ -1,8 +1,9 @@
 """Start N consecutive 2-process launches of a tiny training run and report how many started and finished.
 
-A distributed start-up can fail rarely (platform.md measured one SIGABRT in 23 two-process FSDP2 starts), which one
-CI run does not reveal. This runs the real command users run, N times in a row, each with a timeout, and prints one
-JSON object: success rate, per-launch wall times and, for every failure, where its full per-rank logs were kept.
+A distributed start-up can fail rarely (one SIGABRT in 23 two-process FSDP2 starts was seen on the CPU development
+machine), which one CI run does not reveal. This runs the real command users run, N times in a row, each with a timeout,
+and prints one JSON object: success rate, per-launch wall times and, for every failure, where its full per-rank logs
+were kept.
 
     python scripts/launch_stress.py                   # 20 FSDP2 launches on 2 CPU processes (gloo)
     python scripts/launch_stress.py --n 2 --config configs/accelerate/ddp_cpu_2proc.yaml

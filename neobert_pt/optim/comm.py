@@ -3,7 +3,7 @@
 The counter is keyed by ``(collective, axis)``; ``axis`` names the mesh dimension (``replicate`` for the
 data-parallel axis, ``shard`` for the FSDP axis). The byte figure is the payload each rank contributes (the tensor
 it hands to the collective), not the ring traffic on the wire, which is ``2(W−1)/W`` times the payload for an
-all-reduce; both are what spec ``dion.md`` §2.7 tabulates. ``gloo`` has no ``AVG`` reduction, so averages are a
+all-reduce; both are what ``docs/specs/dion.md`` §2.7 tabulates. ``gloo`` has no ``AVG`` reduction, so averages are a
 ``SUM`` followed by a division, on every backend alike.
 """
 

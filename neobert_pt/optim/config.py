@@ -141,7 +141,7 @@ class Dion2Config(QKClipSettings):
 
 @dataclass
 class DionConfig:
-    """Dion (v1): rank-r orthonormal updates by warm-started power iteration with error feedback (spec dion.md).
+    """Dion (v1): rank-r orthonormal updates by warm-started power iteration with error feedback (docs/specs/dion.md).
 
     On a 2-D (replicate x shard) mesh ``replicate_mesh_grad_sync: true`` makes FSDP reduce gradients over the shard
     axis only, and Dion averages just its low-rank factors P and R over the replicate axis (docs/distributed.md).

@@ -1,7 +1,7 @@
 """The DANA family (ADana, Dana-MK4, Dana-Star, Dana-Star-MK4) and AdamW with decaying weight decay.
 
 From "Logarithmic-time Schedules for Scaling Language Models with Momentum" (Ferbach, C. Paquette, Gidel, Everett,
-E. Paquette; arXiv:2602.05298). The maths follows the project spec (docs/optimizers.md, "DANA family"), which
+E. Paquette; arXiv:2602.05298). The maths follows the project spec (docs/specs/dana.md), which
 restates the public reference at mlexpos/adana@3eef26f with its *current* conventions:
 
 * log-time EMA ``a_t = delta / (delta + t)`` shared by m, v (and tau), no bias correction, first update at t = 1;
@@ -36,12 +36,14 @@ __all__ = ["ADana", "AdamWDecayingWD", "DanaStar"]
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """fp32 for low-precision params (bf16 state freezes the log-time EMA, spec §4.12), else the param's dtype."""
+    """fp32 for low-precision params (bf16 state freezes the log-time EMA, docs/specs/dana.md §4.12), else the param's
+    dtype."""
     return torch.promote_types(param_dtype, torch.float32)
 
 
 def wd_factor(weight_decay: float, schedule: float, t: int, wd_decaying: bool, wd_ts: float) -> float:
-    """Spec §2.5: per-step multiplicative decay f_t (independent of the peak LR, scaled by the schedule)."""
+    """docs/specs/dana.md §2.5: per-step multiplicative decay f_t (independent of the peak LR, scaled by the
+    schedule)."""
     f = weight_decay * schedule
     return f / (1.0 + t / wd_ts) if wd_decaying else f
 
@@ -53,7 +55,8 @@ def wd_factor(weight_decay: float, schedule: float, t: int, wd_decaying: bool, w
 
 
 def _log_time_moments(m: list[Tensor], v: list[Tensor], grads: list[Tensor], a: float) -> list[Tensor]:
-    """Spec §2.2: m, v <- lerp toward g, g² with weight a_t; returns d = sqrt(v) + eps (eps added by caller)."""
+    """docs/specs/dana.md §2.2: m, v <- lerp toward g, g² with weight a_t; returns d = sqrt(v) + eps (eps added by
+    caller)."""
     torch._foreach_lerp_(m, grads, a)
     torch._foreach_mul_(v, 1.0 - a)
     torch._foreach_addcmul_(v, grads, grads, value=a)
@@ -77,7 +80,7 @@ def adana_update(
     params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], *,
     t: int, lr: float, f: float, delta: float, kappa: float, epsilon: float, clipsnr: float | None, gamma3: float,
 ) -> None:
-    """Spec §2.3 (ADana; Dana-MK4 when ``clipsnr`` is set): no tau, scalar clock T = 1 + t."""
+    """docs/specs/dana.md §2.3 (ADana; Dana-MK4 when ``clipsnr`` is set): no tau, scalar clock T = 1 + t."""
     d = _log_time_moments(m, v, grads, delta / (delta + t))
     torch._foreach_add_(d, epsilon)
     n = torch._foreach_reciprocal(d)
@@ -95,7 +98,7 @@ def dana_star_update(
     params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], tau: list[Tensor], *,
     t: int, lr: float, f: float, delta: float, kappa: float, epsilon: float, clipsnr: float | None, gamma3: float,
 ) -> None:
-    """Spec §2.4 (Dana-Star; Dana-Star-MK4 when ``clipsnr`` is set): per-element activity estimate tau."""
+    """docs/specs/dana.md §2.4 (Dana-Star; Dana-Star-MK4 when ``clipsnr`` is set): per-element activity estimate tau."""
     a = delta / (delta + t)
     d = _log_time_moments(m, v, grads, a)
     torch._foreach_add_(d, epsilon)
@@ -130,7 +133,7 @@ def adamw_decaying_wd_update(
     params: list[Tensor], grads: list[Tensor], exp_avg: list[Tensor], exp_avg_sq: list[Tensor], *,
     t: int, lr: float, f: float, beta1: float, beta2: float, eps: float,
 ) -> None:
-    """Spec §2.8: bias-corrected Adam step, then theta <- theta * (1 - f) (skipped when f = 0)."""
+    """docs/specs/dana.md §2.8: bias-corrected Adam step, then theta <- theta * (1 - f) (skipped when f = 0)."""
     torch._foreach_lerp_(exp_avg, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sq, beta2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
@@ -152,8 +155,9 @@ class _LogTimeOptimizer(torch.optim.Optimizer):
 
     Every hyperparameter, including ``peak_lr`` (the constructor ``lr``, or a group's own ``lr`` when it sets one),
     lives in the param groups, so ``state_dict()`` carries them and a reload cannot silently change behaviour.
-    State is at least fp32 whatever the parameter dtype (bf16 state freezes the log-time EMA, spec §4.12); under FSDP2 the
-    buffers are DTensors sharded like their parameter and the maths runs on the local shards.
+    State is at least fp32 whatever the parameter dtype (bf16 state freezes the log-time EMA,
+    docs/specs/dana.md §4.12); under FSDP2 the buffers are DTensors sharded like their parameter and the maths runs
+    on the local shards.
     """
 
     _state_names: tuple[str, ...] = ()
@@ -183,7 +187,7 @@ class _LogTimeOptimizer(torch.optim.Optimizer):
             # Bucket by (step count, device, dtype) so one kernel call sees one t; per-tensor path: one bucket per param.
             buckets: dict[Any, list[tuple[Tensor, Tensor, dict[str, Tensor]]]] = defaultdict(list)
             for p in group["params"]:
-                if p.grad is None:  # spec §2.1: no state, no step count, no weight decay
+                if p.grad is None:  # docs/specs/dana.md §2.1: no state, no step count, no weight decay
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
@@ -374,7 +378,8 @@ def resolve_wd_ts(ctx: OptimizerContext) -> float:
 def _build_dana(ctx: OptimizerContext, cls: type[_DanaBase], clip: bool) -> BuiltOptimizer:
     cfg = ctx.config.dana_config
     wd_ts = resolve_wd_ts(ctx)
-    # Independent-WD convention: omega / wd_ts, NOT the legacy omega / (lr * wd_ts) (spec §0, correction 2).
+    # Independent-WD convention: omega / wd_ts, NOT the legacy omega / (lr * wd_ts)
+    # (docs/specs/dana.md §0, correction 2).
     weight_decay = cfg.omega / wd_ts
     clipsnr = cfg.clipsnr if clip else None
     fused, why = resolve_update_kernel(cfg.update_kernel)

@@ -1,14 +1,15 @@
 """Fused (``torch.compile``) per-tensor updates for ADana / Dana-MK4 and Dana-Star / Dana-Star-MK4.
 
 The eager kernels in ``dana.py`` make ~15-30 multi-tensor passes over fp32 state per step, so the step is
-memory-bound at 7-55x AdamW's single fused pass. Here the same maths (spec §2.3 / §2.4) is one elementwise function
-per parameter tensor; inductor turns it into ONE loop (C++ on CPU, Triton on CUDA) that reads p, g, m, v (, tau)
-once and writes them back once.
+memory-bound at 7-55x AdamW's single fused pass. Here the same maths (docs/specs/dana.md §2.3 / §2.4) is one
+elementwise function per parameter tensor; inductor turns it into ONE loop (C++ on CPU, Triton on CUDA) that reads
+p, g, m, v (, tau) once and writes them back once.
 
 * Once the passes are fused the CPU cost is arithmetic: a vector square root or division costs several multiplies
-  and a ``log`` several more. The kernels therefore rearrange the spec's formulas (each rearrangement is stated where
-  it is made): the Nesterov cap as one clamp, Dana-Star's rho / n / cap from one division and one root, and the
-  clock ``T^(1-kappa)`` as ``exp2(ln T * (1-kappa)/ln 2)``. Results equal the eager kernels up to fp32 rounding.
+  and a ``log`` several more. The kernels therefore rearrange docs/specs/dana.md's formulas (each rearrangement is
+  stated where it is made): the Nesterov cap as one clamp, Dana-Star's rho / n / cap from one division and one root,
+  and the clock ``T^(1-kappa)`` as ``exp2(ln T * (1-kappa)/ln 2)``. Results equal the eager kernels up to fp32
+  rounding.
 * Tensors are flattened to 1-D and the function is compiled with ``dynamic=True``: one compiled kernel serves every
   parameter shape of a given rank (dynamo guards on the rank of the flat view's base, so a transformer compiles
   each variant twice, for its 2-D and 1-D parameters; tens of seconds on a small CPU, cached on disk by inductor
@@ -57,8 +58,9 @@ def _dana_star_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, tau: Tensor, c
     d = v.sqrt() + eps
     abs_g = g.abs()
     tau.lerp_(abs_g / (abs_g + d), a)
-    # Square roots and divisions set this kernel's cost on a CPU (each ~10x a multiply per vector), so the spec's
-    # rho = max(tc / (1 - tc), floor), n = sqrt(rho) / d and |m| / (sqrt(rho) d) share ONE division and ONE root:
+    # Square roots and divisions set this kernel's cost on a CPU (each ~10x a multiply per vector), so
+    # docs/specs/dana.md's rho = max(tc / (1 - tc), floor), n = sqrt(rho) / d and |m| / (sqrt(rho) d) share ONE division
+    # and ONE root:
     # with s = 1 - tc and x = max(tc, floor * s) (so rho = x / s), w = 1 / (s d) gives
     # n = sqrt(x s) * w  (= sqrt(x / s) / d) and rho = x * w * d; equal to the eager kernel up to rounding.
     tc = tau.clamp_max(0.5)

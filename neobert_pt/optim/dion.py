@@ -1,4 +1,5 @@
-"""Dion (v1): low-rank orthonormal updates by one warm-started power iteration, with error feedback (spec ``dion.md``).
+"""Dion (v1): low-rank orthonormal updates by one warm-started power iteration, with error feedback
+(``docs/specs/dion.md``).
 
 Per matrix ``W`` (m×n) and step, with momentum ``M`` and right factor ``Q`` (``(short side, r)`` unsharded):
 
@@ -11,7 +12,7 @@ AdamW and Lion are the shared :mod:`neobert_pt.optim.scalar_opts` steps (AdamW: 
 with the group step as t). Mesh resolution, local shards, row ranges and the LR adjustment are the shared ones of
 :mod:`neobert_pt.optim.orthonormal`.
 
-Distribution (spec §2), all with ordinary collectives through :class:`~neobert_pt.optim.comm.CommCounter`:
+Distribution (docs/specs/dion.md §2), all with ordinary collectives through :class:`~neobert_pt.optim.comm.CommCounter`:
 
 * ``outer_shard_mesh`` (FSDP2 ``Shard(0)`` DTensors, 1-D mesh or the shard dim of a 2-D HSDP mesh): the partial
   ``P = Σ_j B_jᵀ Q_j`` and the column sums of squares are summed over the shard axis; every shard rank then
@@ -24,8 +25,8 @@ Distribution (spec §2), all with ordinary collectives through :class:`~neobert_
   (:meth:`Dion.synchronize_for_checkpoint` replaces each by the mean). With ``False`` the framework has already
   averaged the gradients and nothing is reduced over the replicate axis.
 
-Unlike upstream ``dion.Dion`` (spec §5): the compressed-sync decision is made from (shape, rank, mesh) on every
-step, never from "state was just created", so it survives ``load_state_dict``; the RCQR sketch and the initial Q
+Unlike upstream ``dion.Dion`` (docs/specs/dion.md §5): the compressed-sync decision is made from (shape, rank, mesh) on
+every step, never from "state was just created", so it survives ``load_state_dict``; the RCQR sketch and the initial Q
 come from generators seeded by (``sketch_seed``, step, param index), never from the global RNG, so replicas agree
 without communication and a resume is bit-exact without saving RNG state; a per-group ``betas`` is mapped to
 ``beta1``/``beta2``; ``load_state_dict`` keeps bf16 states bf16 and re-initialises a Q whose shape does not fit the
@@ -70,14 +71,16 @@ class DionMixedPrecisionConfig:
 
 
 def dion_rank(rank_fraction: float, rank_multiple_of: int, m: int, n: int) -> int:
-    """``r = min(k·ceil(f·min(m,n)/k), m, n)`` in IEEE double exactly as written (``0.28·25 → 8``, spec §1.4)."""
+    """``r = min(k·ceil(f·min(m,n)/k), m, n)`` in IEEE double exactly as written (``0.28·25 → 8``,
+    docs/specs/dion.md §1.4)."""
     r = rank_fraction * min(m, n)
     r = rank_multiple_of * math.ceil(r / rank_multiple_of)
     return min(r, m, n)
 
 
 def compressed_sync_saves(m: int, n: int, r: int) -> bool:
-    """Whether syncing the factors ``(m+n)·r`` moves fewer elements than the gradient ``m·n`` (spec §2.7)."""
+    """Whether syncing the factors ``(m+n)·r`` moves fewer elements than the gradient ``m·n``
+    (docs/specs/dion.md §2.7)."""
     return (m + n) * r < m * n
 
 
@@ -176,7 +179,8 @@ class Dion(torch.optim.Optimizer):
         return self.replicate_mesh_grad_sync and self.replicate_world > 1
 
     def _layout(self, p: Tensor) -> _Layout:
-        """Orientation and shard group (spec §2.1): ``Shard(0)`` → transposed; unsharded → transposed iff m < n."""
+        """Orientation and shard group (docs/specs/dion.md §2.1): ``Shard(0)`` → transposed; unsharded → transposed iff
+        m < n."""
         m, n = p.shape
         if not isinstance(p, DTensor):
             return _Layout(transposed=m < n)
@@ -191,7 +195,8 @@ class Dion(torch.optim.Optimizer):
                        shard_world=dist.get_world_size(group))
 
     def is_compressed(self, p: Tensor) -> bool:
-        """Whether this step syncs P and R instead of the gradient (re-derived every step, spec §5 item 9)."""
+        """Whether this step syncs P and R instead of the gradient (re-derived every step, docs/specs/dion.md §5 item
+        9)."""
         m, n = p.shape
         r = local(self.state[p]["Q"]).shape[1]
         return self.syncs_replicas and compressed_sync_saves(m, n, r)
@@ -260,7 +265,7 @@ class Dion(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then restore the configured state dtypes (torch casts to the param dtype) and re-initialise a Q
-        whose shape does not fit this layout (a checkpoint from another orientation, spec §1.10)."""
+        whose shape does not fit this layout (a checkpoint from another orientation, docs/specs/dion.md §1.10)."""
         super().load_state_dict(state_dict)
         index = self._param_index()
         for group in self.param_groups:
@@ -317,7 +322,7 @@ class Dion(torch.optim.Optimizer):
         self.comm.all_reduce_coalesced(grads, self._replicate_group, "replicate", average=True)
 
     def _dion_matrix(self, p: Tensor, group: dict[str, Any], index: int) -> None:
-        """One Dion step of one matrix (spec §1.5; §2.3/§2.4 collectives where the layout needs them)."""
+        """One Dion step of one matrix (docs/specs/dion.md §1.5; §2.3/§2.4 collectives where the layout needs them)."""
         state = self.state[p]
         layout = self._layout(p)
         compressed = self.is_compressed(p)
@@ -338,7 +343,8 @@ class Dion(torch.optim.Optimizer):
             r_mat = a.T @ p_mat
             if compressed:
                 self.comm.all_reduce(r_mat, self._replicate_group, "replicate", average=True)
-        # All-zero guard without a host sync: P ← 0 and R ← Q̃ when B == 0, else NaN/inf cleaned (spec §1.5 step 6).
+        # All-zero guard without a host sync: P ← 0 and R ← Q̃ when B == 0, else NaN/inf cleaned
+        # (docs/specs/dion.md §1.5 step 6).
         nonzero = (mom != 0).any()
         p_mat = torch.nan_to_num(p_mat) * nonzero.to(p_mat.dtype)
         r_mat = torch.where(nonzero, torch.nan_to_num(r_mat), q_work)
@@ -360,7 +366,7 @@ class Dion(torch.optim.Optimizer):
 
     # -------------------------------------------------------------------------------------- orthonormalisation
     def _orthonormalize(self, p_mat: Tensor, group: dict[str, Any], index: int, iteration: int) -> Tensor:
-        """``orth(P)`` in fp32, cast back to P's dtype, row-major (spec §1.6)."""
+        """``orth(P)`` in fp32, cast back to P's dtype, row-major (docs/specs/dion.md §1.6)."""
         rows, r = p_mat.shape
         if self.qr_method == "qr" or rows <= r:
             out = torch.linalg.qr(p_mat.float(), mode="reduced").Q
@@ -407,8 +413,9 @@ class Dion(torch.optim.Optimizer):
         )
 
     def _step_adamw(self, group: dict[str, Any]) -> None:
-        """Decoupled AdamW with the GROUP step as t (spec §1.9): torch's fused kernel (public functional, Python-float
-        lr as upstream) when all four dtypes agree; the per-element formula otherwise (mixed-precision states)."""
+        """Decoupled AdamW with the GROUP step as t (docs/specs/dion.md §1.9): torch's fused kernel (public functional,
+        Python-float lr as upstream) when all four dtypes agree; the per-element formula otherwise (mixed-precision
+        states)."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -440,7 +447,8 @@ class Dion(torch.optim.Optimizer):
     # ---------------------------------------------------------------------------------------- checkpointing
     @torch.no_grad()
     def synchronize_for_checkpoint(self) -> None:
-        """Replace each replica's Dion momentum by the replica mean (= the one-process momentum, spec §2.4).
+        """Replace each replica's Dion momentum by the replica mean (= the one-process momentum,
+        docs/specs/dion.md §2.4).
 
         Only needed with compressed sync over more than one replica (the momenta differ per replica there); a
         no-op otherwise. Every rank must call it. It does not change the future trajectory in exact arithmetic.

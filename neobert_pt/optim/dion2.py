@@ -1,4 +1,4 @@
-"""Dion2: Muon with a shrunk orthonormalisation, implemented natively (spec ``dion2_muonclip.md`` §1).
+"""Dion2: Muon with a shrunk orthonormalisation, implemented natively (``docs/specs/dion2_muonclip.md`` §1).
 
 Per matrix and step: an error-feedback buffer ``M`` accumulates raw gradients; the ``fraction`` of rows (wide or
 square matrices) or columns (tall ones) with the largest L1 norm is orthogonalised in bf16 and applied to the same

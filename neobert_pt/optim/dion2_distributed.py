@@ -1,4 +1,4 @@
-"""Distributed execution of Dion2 (spec ``dion2_muonclip.md`` §1.10): row-sharded FSDP2 matrices by all-to-all.
+"""Distributed execution of Dion2 (``docs/specs/dion2_muonclip.md`` §1.10): row-sharded FSDP2 matrices by all-to-all.
 
 Gradients arrive already synchronised (DDP all-reduce / FSDP2 reduce-scatter); the collectives here only move the
 orthogonalisation work, so every replica keeps identical state.

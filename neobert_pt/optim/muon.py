@@ -6,7 +6,7 @@ Each param group has an ``algorithm`` key: ``"muon"`` or ``"adamw"``. A Muon ste
 
 where ``η̃`` rescales the LR from the *projection* shape (``adjust_lr``). A group with ``split_rows = s`` (fused QKV)
 is treated as ``s`` independent ``(m/s)×n`` matrices: each block is orthogonalised and scaled on its own. With the
-constructor's (upstream's) defaults this is upstream ``dion.Muon``'s eager step (spec ``dion2_muonclip.md`` §3.1)
+constructor's (upstream's) defaults this is upstream ``dion.Muon``'s eager step (``docs/specs/dion2_muonclip.md`` §3.1)
 with its rounding points: μ, ``1 − ηλ`` and ``η̃`` are fp32 0-d tensors made by device fills (never a host sync),
 and the AdamW groups count steps per parameter (``tests/unit/optim/test_upstream_differential.py``).
 
@@ -59,8 +59,8 @@ class Muon(torch.optim.Optimizer):
     * ``use_triton`` / ``use_gram_newton_schulz``: this package has no Triton or Gram Newton-Schulz kernel; the
       eager bf16 path (the same maths) runs and one log line says so.
     * ``flatten=True`` reshapes each ≥3-D param to ``(shape[0], prod(rest))``, param by param (upstream stacks
-      same-shape params first and so orthogonalises them jointly, spec §1.13; not replicated). Without it a ≥3-D
-      param is a batch of matrices over its last two dims.
+      same-shape params first and so orthogonalises them jointly, docs/specs/dion2_muonclip.md §1.13; not replicated).
+      Without it a ≥3-D param is a batch of matrices over its last two dims.
     * ``cautious_wd`` decays only entries where the update and the weight agree in sign (arXiv 2510.12402).
 
     Group keys (overridable per group): ``lr``, ``momentum`` (μ; upstream's group key ``mu`` is accepted too),

@@ -1,6 +1,6 @@
 """Checkpoints that never lose work and never run code: ``OUTPUT_DIR/checkpoints/step_<N>/``.
 
-Contract (see docs/contracts.md, docs/reliability.md and style.md §3.7):
+Contract (see docs/contracts.md and docs/reliability.md):
 
 * a save is written to ``checkpoints/.tmp_step_<N>/`` by every rank, fsynced, sealed with a ``COMPLETE`` marker
   (step, world size, and the size and BLAKE2b digest of every file), then atomically renamed to ``step_<N>/``; the

@@ -1,4 +1,4 @@
-"""The training loop: wires tested components together and runs the step (style.md §3.5).
+"""The training loop: wires tested components together and runs the step (docs/architecture.md).
 
 Build order (``Trainer.__init__``): seed → accelerator → run directory / resume decision → tokenizer and data for
 this rank → model → wrap (``distributed.py``) → resolve ``optimizer.lr: auto`` → optimizer (after wrapping, with the

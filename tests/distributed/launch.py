@@ -1,9 +1,9 @@
 """Run ``accelerate launch`` (or a plain process) under a hard timeout and keep every rank's log for diagnosis.
 
 Multi-process runs fail in ways a bare return code does not explain (a rank that died first, a peer stuck in a
-collective, the once-in-a-while SIGABRT at FSDP2 start-up, see platform.md), so a failed or timed-out launch raises
-:class:`LaunchError` whose message holds the launcher's combined output (accelerate prefixes it per rank) and the
-full ``logs/rank_<r>.log`` of every run directory found below ``run_root``.
+collective, the once-in-a-while SIGABRT at FSDP2 start-up that scripts/launch_stress.py counts), so a failed or
+timed-out launch raises :class:`LaunchError` whose message holds the launcher's combined output (accelerate prefixes it
+per rank) and the full ``logs/rank_<r>.log`` of every run directory found below ``run_root``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Dion across 4 gloo processes: compressed replica sync equals full-gradient sync (spec §2.4, §4 items 10-11).
+"""Dion across 4 gloo processes: compressed replica sync equals full-gradient sync (docs/specs/dion.md
+§2.4, §4 items 10-11).
 
 One launch, two scenarios, every rank saving its results; assertions run in the pytest process.
 

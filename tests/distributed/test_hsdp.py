@@ -12,8 +12,8 @@ order differs. AdamW: loss |d| <= 1e-5, parameters relative <= 1e-4 (as for DDP/
 Muon/Dion2 on HSDP run the 1-D FSDP2 algorithm on 2 shards with the gradient averaged over all 4 ranks, so they
 equal the 2-process FSDP2 run up to summation order: loss <= 2e-3, parameters <= 1e-1 (the orthonormal tolerance of
 test_trainer_distributed.py: bf16 orthogonalisation amplifies 1e-7 gradient differences in small singular
-directions). Dion compressed vs full-gradient sync: the same math up to reassociated sums (spec §2.4), parameters
-<= 1e-5 abs (measured 1.9e-7 after 6 steps).
+directions). Dion compressed vs full-gradient sync: the same math up to reassociated sums (docs/specs/dion.md §2.4),
+parameters <= 1e-5 abs (measured 1.9e-7 after 6 steps).
 """
 
 from __future__ import annotations

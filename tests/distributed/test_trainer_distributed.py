@@ -141,10 +141,10 @@ def test_fsdp2_params_are_dtensor_shards_and_every_variant_trains(fsdp):
             _assert_clipped(name, out / name)
 
 
-# Dion2 under FSDP2 follows upstream's sharded semantics (spec §1.10.2): it selects along the shard dim (rows, even of
-# tall matrices such as ffn gate/up) and orthogonalises the fused QKV whole, while one process selects columns of
-# tall matrices and works per Q/K/V projection. So FSDP2 is not expected to equal one process: its exact math is
-# checked against a sharded simulation in test_dion2_distributed.py; here the trajectory must stay close.
+# Dion2 under FSDP2 follows upstream's sharded semantics (docs/specs/dion2_muonclip.md §1.10.2): it selects along the
+# shard dim (rows, even of tall matrices such as ffn gate/up) and orthogonalises the fused QKV whole, while one process
+# selects columns of tall matrices and works per Q/K/V projection. So FSDP2 is not expected to equal one process: its
+# exact math is checked against a sharded simulation in test_dion2_distributed.py; here the trajectory must stay close.
 DION2_FSDP2_LOSS_TOL = 5e-2
 
 

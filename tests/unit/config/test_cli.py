@@ -1,4 +1,5 @@
-"""pretrain.py's command line: --help, --print-config, exit codes, and the runbook commands of design/config.md."""
+"""pretrain.py's command line: --help, --print-config, exit codes, and the runbook commands users type (jobs/,
+docs/robustness.md)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def run_pretrain(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_runbook_dion2_robustness_command_resolves():
-    """The Dion2 robustness runbook command of design/config.md, verbatim, plus --print-config."""
+    """The Dion2 robustness runbook command (jobs/experiment_dion2_robustness.sh), verbatim, plus --print-config."""
     proc = run_pretrain(
         DION2,
         "--trainer.max_steps", "200",

@@ -1,4 +1,4 @@
-"""The torch.compile'd DANA update (dana_fused.py) against the spec's reference fixture and the eager kernels.
+"""The torch.compile'd DANA update (dana_fused.py) against docs/specs/dana.md's reference fixture and the eager kernels.
 
 Compiling costs tens of seconds on a small CPU the first time (inductor caches it on disk afterwards), so the
 whole module shares one compile per kernel: every parameter shape runs through the same dynamic-shape kernel.

@@ -1,4 +1,5 @@
-"""Spec §4 invariants of the DANA family: closed forms, reductions, bounds, invariances, state and dtype handling."""
+"""docs/specs/dana.md §4 invariants of the DANA family: closed forms, reductions, bounds, invariances, state and dtype
+handling."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def run(variant, grads, *, theta0=None, lrs=None, dtype=F64, **kw):
 
 @pytest.mark.parametrize("variant", ["adana", "dana-star"])
 def test_closed_form_without_clip(variant):
-    """Spec §4.2: ADana θ ← [θ − η(g + γ3(1 + (1+t)^(1−κ))m)/d](1 − f); Star with √ρ and the per-element clock."""
+    """docs/specs/dana.md §4.2: ADana θ ← [θ − η(g + γ3(1 + (1+t)^(1−κ))m)/d](1 − f); Star with √ρ and the per-element
+    clock."""
     delta, kappa, eps, wd, wd_ts, gamma3, peak = 4.0, 0.6, 1e-8, 0.05, 7.0, 0.8, 1e-2
     grads = grad_sequence(120)
     lrs = [peak * (0.3 + 0.7 * abs(math.cos(k / 9))) for k in range(120)]
@@ -174,7 +176,7 @@ def test_zero_lr_freezes_params_but_advances_state(variant):
 
 @pytest.mark.parametrize("variant", list(DANA))
 def test_bounds_hold_after_every_step(variant):
-    """Spec §4.4, recomputed from the state: |m| ≤ √v, 0 ≤ τ < 1, 1/(1+t) ≤ ρ ≤ 1, q < 1 without τ."""
+    """docs/specs/dana.md §4.4, recomputed from the state: |m| ≤ √v, 0 ≤ τ < 1, 1/(1+t) ≤ ρ ≤ 1, q < 1 without τ."""
     theta = torch.nn.Parameter(torch.zeros(5, 4, dtype=F64))
     opt = make(variant, [theta])
     for g in grad_sequence(60, sparsity=0.6):
@@ -299,7 +301,8 @@ def test_deterministic(variant):
 
 @pytest.mark.parametrize("variant", [*DANA, "adamw-decaying-wd"])
 def test_shard_locality_chunks_give_identical_updates(variant):
-    """Spec §4.11: row chunks stepped as separate params (like FSDP2 Shard(0)) match the whole tensor bitwise."""
+    """docs/specs/dana.md §4.11: row chunks stepped as separate params (like FSDP2 Shard(0)) match the whole tensor
+    bitwise."""
     grads = grad_sequence(12, shape=(6, 4), sparsity=0.4)
     theta0 = torch.linspace(-1, 1, 24, dtype=F64).reshape(6, 4)
     whole, _ = run(variant, grads, theta0=theta0, foreach=True)
@@ -331,7 +334,8 @@ def test_bf16_params_keep_fp32_state_and_track_fp32(variant):
 
 
 def test_log_time_ema_does_not_freeze_with_bf16_params():
-    """Spec §4.12 hazard: g² switching 1 → 4 at t=1000; bf16 state would stall, fp32 state reaches v ≈ 4."""
+    """docs/specs/dana.md §4.12 hazard: g² switching 1 → 4 at t=1000; bf16 state would stall, fp32 state reaches v ≈
+    4."""
     theta = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
     opt = ADana([theta], lr=0.0, delta=8.0, foreach=False)
     for t in range(1, 3001):

@@ -1,4 +1,5 @@
-"""Every DANA variant reproduces the spec's reference trajectories (tests/assets/specs/dana_reference.json)."""
+"""Every DANA variant reproduces docs/specs/dana.md's reference trajectories
+(tests/assets/specs/dana_reference.json)."""
 
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def test_foreach_path_matches_per_tensor_path(reference, variant):
 
 
 def test_paper_set_clip_is_inactive(reference):
-    """Spec §4.3: on the 'paper' set the cap never fires in 5 steps, so MK4 equals its unclipped twin bitwise."""
+    """docs/specs/dana.md §4.3: on the 'paper' set the cap never fires in 5 steps, so MK4 equals its unclipped twin
+    bitwise."""
     for plain, mk4 in (("adana", "dana-mk4"), ("dana-star", "dana-star-mk4")):
         a = run_protocol(reference, "paper", plain, torch.float64)[3]
         c = run_protocol(reference, "paper", mk4, torch.float64)[3]

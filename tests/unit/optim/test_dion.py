@@ -1,4 +1,4 @@
-"""Native Dion (v1): the upstream CPU fixture and the invariants of spec dion.md §4 (single process)."""
+"""Native Dion (v1): the upstream CPU fixture and the invariants of docs/specs/dion.md §4 (single process)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_reproduces_upstream_fixture(name: str) -> None:
 
 
 def test_frobenius_identity_matches_the_fixture_diagnostics() -> None:
-    """‖(W_t − (1−ηλ)W_{t−1})/η̃‖_F² = r at every step (spec §1.12 item 3)."""
+    """‖(W_t − (1−ηλ)W_{t−1})/η̃‖_F² = r at every step (docs/specs/dion.md §1.12 item 3)."""
     run = REF["runs"]["dion_f0.5"]
     params, opt = _build(run)
     for n, q_init in run["Q_init"].items():
@@ -157,7 +157,8 @@ def _gauss(shape, seed):
 @pytest.mark.parametrize("shape", [(48, 20), (20, 48), (24, 24)])
 @pytest.mark.parametrize("fraction", [1.0, 0.25])
 def test_svd_oracle_on_the_first_step(shape: tuple[int, int], fraction: float) -> None:
-    """Q_0 = top-r singular vectors on the short side ⇒ direction U_r V_rᵀ, M_1 = G − (1−μ)U_r Σ_r V_rᵀ (§1.12.4)."""
+    """Q_0 = top-r singular vectors on the short side ⇒ direction U_r V_rᵀ, M_1 = G − (1−μ)U_r Σ_r V_rᵀ
+    (docs/specs/dion.md §1.12.4)."""
     m, n = shape
     g = _gauss(shape, 1)
     u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
@@ -192,7 +193,7 @@ def _replay(shape, steps, seed=0, q0=None, **kw):
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
 def test_error_feedback_accounting(shape: tuple[int, int]) -> None:
-    """Pᵀ M_t = μ·Pᵀ B_t and the mass identity Σ G_t = M_T + (1−μ) Σ P_t R_tᵀ (spec §1.5)."""
+    """Pᵀ M_t = μ·Pᵀ B_t and the mass identity Σ G_t = M_T + (1−μ) Σ P_t R_tᵀ (docs/specs/dion.md §1.5)."""
     m, n = shape
     mu = 0.9
     w = torch.nn.Parameter(_gauss(shape, 0) * 0.1)

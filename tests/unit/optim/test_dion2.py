@@ -1,4 +1,4 @@
-"""Native Dion2: the upstream CPU fixture and the invariants of spec dion2_muonclip.md §5 (single process)."""
+"""Native Dion2: the upstream CPU fixture and the invariants of docs/specs/dion2_muonclip.md §5 (single process)."""
 
 from __future__ import annotations
 

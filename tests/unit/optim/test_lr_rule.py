@@ -1,4 +1,5 @@
-"""The peak-LR power laws reproduce the spec's evaluated table (§3) and `optimizer.lr: auto` resolves through them."""
+"""The peak-LR power laws reproduce the evaluated table of docs/specs/dana.md §3 and `optimizer.lr: auto` resolves
+through them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from neobert_pt.config.errors import ConfigError
 from neobert_pt.optim.config import OptimizerConfig
 from neobert_pt.optim.lr_rule import count_non_embedding_params, resolve_lr, suggest_peak_lr
 
-# Spec §3 "Evaluated peak LRs at BERT-like P, batch-32 fit": P -> (adamw, adana .85, dana-mk4 .85, dana-star(-mk4) .85)
+# docs/specs/dana.md §3 "Evaluated peak LRs at BERT-like P, batch-32 fit": P -> (adamw, adana .85, dana-mk4 .85,
+# dana-star(-mk4) .85)
 TABLE = {
     42_500_000: (1.51e-3, 4.34e-4, 3.79e-4, 6.43e-4),
     84_900_000: (1.06e-3, 2.83e-4, 2.46e-4, 3.97e-4),
@@ -29,7 +31,7 @@ def test_small_batch_fit_matches_spec_table(params):
 
 def test_large_batch_fit_and_geometric_interpolation():
     p = 84_900_000
-    # Spec §3: batch-512 fit at 84.9M, and the interpolated values at 131k / 262k tokens per step.
+    # docs/specs/dana.md §3: batch-512 fit at 84.9M, and the interpolated values at 131k / 262k tokens per step.
     assert suggest_peak_lr("adana", p, tokens_per_step=2**20) == pytest.approx(5.56e-4, rel=0.01)
     assert suggest_peak_lr("dana-mk4", p, tokens_per_step=2**20) == pytest.approx(5.75e-4, rel=0.01)
     assert suggest_peak_lr("dana-star-mk4", p, tokens_per_step=2**20) == pytest.approx(8.57e-4, rel=0.01)
@@ -45,7 +47,7 @@ def test_large_batch_fit_and_geometric_interpolation():
 
 
 def test_kappa_keys_the_fit():
-    # Spec §3: at P = 85M, adana kappa 0.75 wants about 1.4e-4 versus 2.8e-4 at 0.85.
+    # docs/specs/dana.md §3: at P = 85M, adana kappa 0.75 wants about 1.4e-4 versus 2.8e-4 at 0.85.
     assert suggest_peak_lr("adana", 85_000_000, kappa=0.75) == pytest.approx(1.4e-4, rel=0.03)
     with pytest.raises(ConfigError, match="kappa"):
         suggest_peak_lr("adana", 85_000_000, kappa=0.6)
