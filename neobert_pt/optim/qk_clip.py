@@ -252,9 +252,13 @@ class QKClip:
         # have been sharded after this QKClip was built.
         parents = {child: m for m in self.model.modules() for child in m.children()}
         units = [_fsdp_unit(layer, parents) for layer in self.layers]
-        embedding_unit = _fsdp_unit(self.encoder.get_input_embeddings(), parents)
-        with _gathered(embedding_unit, hooked=False):  # layer_inputs calls the embedding without its hooks
-            inputs = [self.encoder.layer_inputs(**batch, output_qk_logits=True) for batch in self._batches]
+        embedding = self.encoder.get_input_embeddings()
+        embedding_unit = _fsdp_unit(embedding, parents)
+        # embedding.forward without hooks (_embedded): torch 2.11's grouped fully_shard skips the group's next
+        # pre-forward (its all-gather) after a lone hooked call of one of its modules.
+        with _gathered(embedding_unit, hooked=False):
+            inputs = [self.encoder.layer_inputs(**_embedded(batch, embedding), output_qk_logits=True)
+                      for batch in self._batches]
         hidden = [h for h, _, _ in inputs]
         shared = [(rotary, layout) for _, rotary, layout in inputs]  # the same for every layer
         eta = torch.ones_like(self._head_max, dtype=torch.float64)
@@ -364,6 +368,19 @@ def _gathered(unit: nn.Module | None, hooked: bool) -> Iterator[None]:
         yield
     finally:
         unit.reshard()
+
+
+def _embedded(batch: Mapping[str, Any], embedding: nn.Module) -> Mapping[str, Any]:
+    """``batch`` with its ``input_ids`` embedded by ``embedding.forward``: the embedding's FSDP2 hooks do not fire.
+
+    The embedding shares its FSDP2 unit with the final norm and the decoder (neobert_pt/train/distributed.py). A
+    call of the embedding alone through its hooks leaves that group's forward unfinished: torch 2.11's grouped
+    ``fully_shard`` then skips the group's pre-forward (the all-gather) in the next training forward.
+    """
+    ids = batch.get("input_ids")
+    if ids is None:
+        return batch
+    return {**batch, "input_ids": None, "inputs_embeds": embedding.forward(ids)}
 
 
 def _detached(value: Any) -> Any:

@@ -6,8 +6,8 @@ FSDP2 (``fully_shard`` per layer + root; hidden 30 → qkv 90 rows, 45 per rank,
 straddle the shard boundary): the replay calls each layer as a module, so FSDP2's own hooks gather and free its
 parameters (also with ``reshard_after_forward=False``, with train/distributed.py's grouped unit for the embedding,
 tied head and final norm, and when only the root is sharded: QK-clip then gathers the root itself); the gathered
-weights equal the same single-process result bit-for-bit, and a forward pass through the sharded model has every
-head's max logit ≤ τ.
+weights equal the same single-process result bit-for-bit, every unit is sharded again after the clip, and a forward
+pass through the sharded model has every head's max logit ≤ τ.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def _qkv(model) -> list[torch.Tensor]:
 def _work(rank: int, out_dir: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
     model = _model()
@@ -152,6 +153,9 @@ def _work(rank: int, out_dir: str) -> dict:
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         fsdp[f"{name}_local_rows"] = model.model.layers[0].attention.qkv.weight.to_local().shape[0]
         fsdp[f"{name}_metrics"] = _clip_step(model, model, _batch(rank), clip=early, process_group=mesh)
+        # The clip leaves every unit sharded: a hooked call of the grouped unit's embedding alone would leave that
+        # unit mid-forward (its reshard() a no-op; torch 2.11 then skipped the next training forward's gather).
+        fsdp[f"{name}_sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
         _reshard(model)  # the check below gathers the clipped shards afresh
         attentions = [layer.attention for layer in model.model.layers]
         fsdp[f"{name}_post"] = _max_logits(model, attentions, _batch(rank))
@@ -175,6 +179,7 @@ def test_qk_clip_ddp_and_fsdp2_match_one_process_on_the_union_batch(tmp_path) ->
     fsdp_modes = ("fsdp", "fsdp_keep", "fsdp_root", "fsdp_ends")
     for mode in fsdp_modes:  # odd shard: head 1's K rows straddle rows 45
         assert [r[f"{mode}_local_rows"] for r in results] == [45, 45]
+        assert [r[f"{mode}_sharded"] for r in results] == [True, True], mode
     for r, res in enumerate(results):
         for mode in ("ddp", *fsdp_modes):
             for layer, (w, w_ref) in enumerate(zip(res[mode], ref_qkv, strict=True)):
