@@ -745,8 +745,8 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
 
         Every layer takes ``layer(hidden_states, rotary, layout, ...)`` with the same ``rotary`` and ``layout``, and
         its first output is the next layer's ``hidden_states``. ``output_qk_logits``: the layers will be asked for
-        QK logits (the layout keeps the (B, T) grid). QK-clip's replay starts here (it calls this method directly, so
-        under FSDP2 it gathers the embedding's parameters itself).
+        QK logits (the layout keeps the (B, T) grid). ``forward`` and QK-clip's replay both start here (the replay
+        passes ``inputs_embeds`` it embedded itself, see neobert_pt/optim/qk_clip.py).
         """
         hidden_states, position_ids, layout = self._embed_and_layout(
             input_ids, attention_mask, position_ids, document_ids, inputs_embeds, varlen_sizes, output_attentions,
@@ -780,18 +780,16 @@ class NeoBERTModel(NeoBERTPreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        hidden_states, position_ids, layout = self._embed_and_layout(
+        # varlen backends: unpadded ONCE here, the layers run on the (1, total_tokens, H) stream, re-padded ONCE below
+        hidden_states, rotary, layout = self.layer_inputs(
             input_ids, attention_mask, position_ids, document_ids, inputs_embeds, varlen_sizes, output_attentions,
-            keep_grid=output_qk_logits,
+            output_qk_logits,
         )
 
         def padded(x: torch.Tensor) -> torch.Tensor:
             return repad(x, layout) if layout.unpadded else x
 
-        all_hidden = (hidden_states,) if output_hidden_states else None
-        if layout.unpadded:  # varlen: unpad ONCE, the layers run on the (1, total_tokens, H) stream, re-pad ONCE below
-            hidden_states, position_ids = unpad(hidden_states, layout), unpad(position_ids, layout)
-        rotary = self.rotary_emb(position_ids)
+        all_hidden = (padded(hidden_states),) if output_hidden_states else None
 
         all_attn = () if output_attentions else None
         all_qk = () if output_qk_logits else None
