@@ -316,7 +316,8 @@ class DanaStar(_DanaBase):
     def _update(self, group, params, grads, state, t, lr, f):  # type: ignore[no-untyped-def]
         scalars = self._scalars(group, t, lr, f)
         tensors = [params, grads, state["m"], state["v"], state["tau"]]
-        if self.fused and dana_fused.run_fused("dana_star", tensors, dana_fused.dana_star_scalars(**scalars)):
+        if (self.fused and t < dana_fused.MAX_FUSED_STEP
+                and dana_fused.run_fused("dana_star", tensors, dana_fused.dana_star_scalars(**scalars))):
             return
         dana_star_update(*tensors, **scalars)
 
