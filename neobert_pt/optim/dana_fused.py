@@ -57,7 +57,7 @@ def _adana_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> None
 # [1, sqrt 2) by a ladder of exact power-of-two halvings, T * 2^-k when T >= 2^k for k = 16, 8, 4, 2, 1 (then one
 # inexact 1/sqrt 2 step), each multiplying the result by the host constant 2^(k beta); a degree-5 polynomial in
 # u = T - 1 fitted to (1 + u)^beta on [0, sqrt 2 - 1] does the rest. Relative error: ~4e-8 for the fit, a few fp32
-# roundings once evaluated (under 3.2e-7 for kappa in [0, 1]; tests/unit/optim/test_dana_fused_clock.py bounds it
+# roundings once evaluated (under 3.2e-7 for kappa in [0, 1]; tests/unit/optim/test_dana_clock_power.py bounds it
 # by 5e-7), next to fp32 pow's own ~1.7e-7. It covers T < 2^31.5, so steps t < MAX_FUSED_STEP (beyond: eager).
 _HALVINGS = (16.0, 8.0, 4.0, 2.0, 1.0, 0.5)
 _POW_DEGREE = 5
