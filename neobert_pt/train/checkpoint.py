@@ -8,7 +8,9 @@ Contract (see docs/contracts.md and docs/reliability.md):
   therefore leaves either the previous state or the new one, never a half checkpoint that looks whole;
 * a folder counts as a checkpoint only if its marker exists and every listed file has its recorded size
   (:func:`verify`, cheap); before a checkpoint is loaded its digests are checked too (``verify(deep=True)``), and a
-  mismatch falls back to the previous good checkpoint with a warning naming the file;
+  mismatch falls back to the previous good checkpoint with a warning naming the file. On resume only each node's
+  local main process reads and hashes (:meth:`Checkpointer.resolve_resume`, one INFO line per verified checkpoint:
+  files, bytes, seconds); every rank gets the same decision through an all-gather;
 * ``latest`` is the pointer's target — the current timeline. After a rewind (resuming from an older step) newer
   folders of the abandoned timeline are ignored and reported, never picked because their number is larger;
 * contents, all in formats that cannot execute code when read: ``accelerator.save_state`` (single/DDP: model
@@ -38,6 +40,8 @@ import pickle
 import random
 import re
 import shutil
+import socket
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,9 +145,14 @@ def verify(path: Path, *, deep: bool = False) -> str | None:
         if f.stat().st_size != entry.get("size"):
             return f"{path}/{rel} has {f.stat().st_size} bytes, the marker recorded {entry.get('size')} (corrupt)"
     if deep:
+        start, hashed = time.perf_counter(), 0
         for rel, entry in entries.items():
-            if "blake2b" in entry and file_digest(path / rel) != entry["blake2b"]:
-                return f"{path}/{rel} does not match the digest recorded at save time (corrupt or modified)"
+            if "blake2b" in entry:
+                if file_digest(path / rel) != entry["blake2b"]:
+                    return f"{path}/{rel} does not match the digest recorded at save time (corrupt or modified)"
+                hashed += entry["size"]
+        logger.info("verified checkpoint %s: blake2b digests of %d files, %d bytes, %.2f s", path,
+                    sum("blake2b" in e for e in entries.values()), hashed, time.perf_counter() - start)
     return None
 
 
@@ -289,6 +298,45 @@ def check_writable(directory: Path) -> None:
                               "permissions / free space or choose another --trainer.output_dir") from None
 
 
+def _is_fresh_start(mode: str | bool | None) -> bool:
+    return mode is None or mode is False or str(mode).lower() in ("false", "none", "null", "")
+
+
+def merge_resume_decisions(decisions: list[dict[str, Any] | None]) -> Path | None:
+    """The one resume decision of a multi-process run, from what every rank contributed to the all-gather.
+
+    Each node's local main process contributes ``{"rank", "host", "path", "error"}`` (``path`` None = fresh
+    start; ``error`` a :class:`CheckpointError` message), every other rank None. When all node leaders agree the
+    result is their path (or None), or their error raised as the same :class:`CheckpointError` on every rank; when
+    they disagree (node-local disks holding different checkpoints) every rank raises one line naming each answer.
+    """
+    answers = [d for d in decisions if d is not None]
+    if not answers:
+        raise CheckpointError("no process resolved --trainer.resume_from_checkpoint (no local main process "
+                              "answered); this is a bug in the launch setup, please report it")
+    grouped: dict[tuple[str | None, str | None], list[dict[str, Any]]] = {}
+    for a in answers:
+        grouped.setdefault((a["path"], a["error"]), []).append(a)
+    if len(grouped) == 1:
+        path, error = next(iter(grouped))
+        if error is not None:
+            raise CheckpointError(error)
+        return None if path is None else Path(path)
+
+    def describe(key: tuple[str | None, str | None], who: list[dict[str, Any]]) -> str:
+        path, error = key
+        where = ", ".join(f"rank {a['rank']} on {a['host']}" for a in who)
+        what = f"error '{error}'" if error is not None else (path if path is not None else "no checkpoint (fresh start)")
+        return f"{where}: {what}"
+
+    raise CheckpointError(
+        "the nodes disagree on the checkpoint to resume (" + "; ".join(describe(k, v) for k, v in grouped.items())
+        + "); every node must see the same checkpoints: put trainer.output_dir on a shared filesystem, or copy the "
+        "same checkpoint to every node (python -m neobert_pt.train.checkpoint_sync restore SHARED LOCAL), then "
+        "relaunch"
+    )
+
+
 @dataclass
 class Restored:
     """What :meth:`Checkpointer.load` hands back besides the accelerator-managed model and optimizer."""
@@ -411,8 +459,44 @@ class Checkpointer:
         folder yet, so the same command starts and resumes a run; an error when folders exist but none is usable).
         ``false`` / null: fresh start. A path: that checkpoint, which must pass the deep check; otherwise the error
         names the newest good one to use instead.
+
+        Every rank calls this. With several processes only each node's local main process reads the checkpoints
+        and checks their digests (one read of a multi-GB checkpoint per node, not one per GPU; its warnings are
+        logged once there); the node leaders' answers are gathered and every rank returns the same path, or raises
+        the same one-line :class:`CheckpointError` (also when nodes see different checkpoints), see
+        :func:`merge_resume_decisions`. A single process uses no collective.
         """
-        if mode is None or mode is False or str(mode).lower() in ("false", "none", "null", ""):
+        if _is_fresh_start(mode):
+            return None
+        acc = self.accelerator
+        if acc.num_processes <= 1:
+            return self._resolve_here(mode)
+        import torch.distributed as dist
+
+        decision: dict[str, Any] | None = None
+        own_error: BaseException | None = None
+        if acc.is_local_main_process:
+            decision = {"rank": acc.process_index, "host": socket.gethostname(), "path": None, "error": None}
+            try:
+                found = self._resolve_here(mode)
+                decision["path"] = None if found is None else str(found)
+            except CheckpointError as e:
+                decision["error"], own_error = str(e), e
+            except Exception as e:  # noqa: BLE001 - the other ranks must hear of it instead of waiting forever
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                decision["error"] = (f"cannot resolve --trainer.resume_from_checkpoint {mode}: "
+                                     f"{type(e).__name__}: {first[:300]}")
+                own_error = e
+        decisions: list[Any] = [None] * acc.num_processes
+        dist.all_gather_object(decisions, decision)
+        try:
+            return merge_resume_decisions(decisions)
+        except CheckpointError as e:
+            raise e from own_error
+
+    def _resolve_here(self, mode: str | bool | None) -> Path | None:
+        """:meth:`resolve_resume` on this process's view of the filesystem (no collective)."""
+        if _is_fresh_start(mode):
             return None
         if mode is True or str(mode).lower() in ("latest", "true"):
             found = self.latest()
@@ -427,7 +511,7 @@ class Checkpointer:
         path = Path(str(mode))
         if path.is_dir() and (path / CHECKPOINTS_DIR).is_dir():  # an output dir was given: take its latest
             return Checkpointer(self.accelerator, path, save_steps=None, save_total_limit=None,
-                                max_steps=self.max_steps).resolve_resume("latest")
+                                max_steps=self.max_steps)._resolve_here("latest")
         reason = verify(path, deep=True)
         if reason is not None:
             parent = Checkpointer(self.accelerator, path.parent.parent, save_steps=None, save_total_limit=None,

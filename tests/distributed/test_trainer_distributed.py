@@ -2,7 +2,8 @@
 
 Launches (each with a timeout; a failure prints the launcher output and every rank's ``logs/rank_<r>.log``):
 one single-process reference of every variant (global batch 4 = 1 x 4 rows), one DDP launch and one FSDP2 launch
-that train every variant in turn (2 x 2 rows), one real ``pretrain.py`` FSDP2 launch resuming at step 3, and one
+that train every variant in turn (2 x 2 rows), one real ``pretrain.py`` FSDP2 launch resuming ``latest`` (step 6
+corrupted, so both ranks fall back to step 3; only rank 0 hashes), and one
 fresh interpreter loading the FSDP2 export with ``AutoModelForMaskedLM``.
 
 Tolerances (measured, then given ~10x headroom). The data loader gives 2 ranks x B rows exactly the rows and masks
@@ -19,6 +20,7 @@ DDP replicas are compared bit for bit (every rank applies the same all-reduced g
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -162,15 +164,34 @@ def test_fsdp2_matches_one_process(name, fsdp, single):
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
 def test_fsdp2_resume_from_sharded_checkpoint_continues_the_uninterrupted_run(fsdp, tmp_path):
-    """A real ``pretrain.py`` launch restarts from the sharded step-3 checkpoint and reproduces steps 4-6 exactly."""
+    """A real ``pretrain.py`` launch resumes ``latest`` whose newest checkpoint (step 6) is corrupted: rank 0 alone
+    hashes the checkpoints, both ranks fall back to the sharded step-3 checkpoint and reproduce steps 4-6 exactly."""
     out, _ = fsdp
     name = "dion2-qk"  # sharded Dion2 error-feedback state + AdamW moments + QK-clip
     ckpt = out / name / "checkpoints" / f"step_{SAVE_STEP}"
     assert (ckpt / "pytorch_model_fsdp_0").is_dir(), "the FSDP2 checkpoint is not sharded (DCP)"
     resumed = tmp_path / "resumed"
+    shutil.copytree(out / name / "checkpoints", resumed / "checkpoints")
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == f"step_{MAX_STEPS}"
+    shard = max((f for f in (resumed / "checkpoints" / f"step_{MAX_STEPS}").rglob("*") if f.is_file()),
+                key=lambda f: f.stat().st_size)  # same-size corruption: only the digest check can see it
+    data = bytearray(shard.read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+    shard.write_bytes(bytes(data))
     accelerate_launch("fsdp2_cpu_2proc.yaml", PRETRAIN,
-                      run_args(name, resumed, GLOBAL_ROWS // 2, ["--trainer.resume_from_checkpoint", str(ckpt)]),
+                      run_args(name, resumed, GLOBAL_ROWS // 2, ["--trainer.resume_from_checkpoint", "latest"]),
                       timeout_s=LAUNCH_TIMEOUT_S, run_root=tmp_path)
+    good = resumed / "checkpoints" / f"step_{SAVE_STEP}"
+    logs = [(resumed / "logs" / f"rank_{rank}.log").read_text() for rank in (0, 1)]
+    verified = [[line for line in log.splitlines() if "INFO neobert_pt.train.checkpoint: verified checkpoint" in line]
+                for log in logs]
+    assert len(verified[0]) == 1 and f"verified checkpoint {good}: blake2b digests of " in verified[0][0], verified
+    assert verified[1] == [], "rank 1 hashed checkpoint files; only the node's local main process should"
+    fallback = f"does not match the digest recorded at save time (corrupt or modified); using the previous good " \
+               f"checkpoint {good}"
+    assert shard.name in logs[0] and logs[0].count(fallback) == 1 and fallback not in logs[1]
+    for log in logs:
+        assert f"resumed from {good} (step {SAVE_STEP})" in log
     got, ref = _train_records(resumed), _train_records(out / name)
     assert sorted(got) == list(range(SAVE_STEP + 1, MAX_STEPS + 1))
     for step, record in got.items():

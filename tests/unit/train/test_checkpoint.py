@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from neobert_pt.train.checkpoint import (
     UnsafeCheckpointError,
     capture_rng,
     check_writable,
+    merge_resume_decisions,
     restore_rng,
     verify,
 )
@@ -259,6 +261,71 @@ def test_latest_with_only_incomplete_checkpoints_is_an_error(setup):
     (path / MARKER).unlink()
     with pytest.raises(CheckpointError, match="no usable checkpoint .* step_2"):
         ckpt.resolve_resume("latest")
+
+
+# ---- one resume decision for every rank (the 2-process runs are in tests/distributed/test_resume_decision.py) ----
+def test_a_deep_verification_logs_the_checkpoint_files_bytes_and_seconds(setup, caplog):
+    acc, model, opt, counter, ckpt = setup
+    path = _save(ckpt, 2)
+    files = json.loads((path / MARKER).read_text())["files"]
+    with caplog.at_level("INFO", logger="neobert_pt.train.checkpoint"):
+        assert ckpt.resolve_resume("latest") == path
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verified checkpoint")]
+    assert lines == [f"verified checkpoint {path}: blake2b digests of {len(files)} files, "
+                     f"{sum(e['size'] for e in files.values())} bytes, " + lines[0].rsplit(", ", 1)[1]]
+    assert lines[0].endswith(" s")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="neobert_pt.train.checkpoint"):
+        assert verify(path) is None  # the cheap check reads no file content and logs nothing
+    assert not caplog.records
+
+
+def _leader(rank, host, path=None, error=None):
+    return {"rank": rank, "host": host, "path": path, "error": error}
+
+
+def test_merge_resume_decisions_agreement():
+    """Ranks that are not a node's local main contribute None; agreeing node leaders give their answer."""
+    assert merge_resume_decisions([_leader(0, "a", "/run/checkpoints/step_4"), None, None, None]) == \
+        Path("/run/checkpoints/step_4")
+    assert merge_resume_decisions([_leader(0, "a", "/r/step_4"), None, _leader(2, "b", "/r/step_4"), None]) == \
+        Path("/r/step_4")
+    assert merge_resume_decisions([_leader(0, "a"), None, _leader(2, "b")]) is None  # fresh start everywhere
+
+
+def test_merge_resume_decisions_error_is_the_same_line_everywhere():
+    line = "cannot resume: /r/step_4/model.safetensors does not match the digest recorded at save time"
+    for decisions in ([_leader(0, "a", error=line), None], [_leader(0, "a", error=line), _leader(1, "b", error=line)]):
+        with pytest.raises(CheckpointError) as info:
+            merge_resume_decisions(decisions)
+        assert str(info.value) == line
+    with pytest.raises(CheckpointError, match="no local main process answered"):
+        merge_resume_decisions([None, None])
+
+
+@pytest.mark.parametrize("other, shown", [
+    ({"path": "/r/checkpoints/step_2"}, "/r/checkpoints/step_2"),
+    ({}, "no checkpoint (fresh start)"),
+    ({"error": "cannot resume: /r/step_4 does not exist"}, "error 'cannot resume: /r/step_4 does not exist'"),
+])
+def test_merge_resume_decisions_disagreeing_nodes_name_both_answers(other, shown):
+    decisions = [_leader(0, "node-a", "/r/checkpoints/step_4"), None, _leader(2, "node-b", **other), None]
+    with pytest.raises(CheckpointError) as info:
+        merge_resume_decisions(decisions)
+    line = str(info.value)
+    assert "\n" not in line
+    assert line.startswith("the nodes disagree on the checkpoint to resume (rank 0 on node-a: /r/checkpoints/step_4; "
+                           f"rank 2 on node-b: {shown}); ")
+    assert "shared filesystem" in line and "checkpoint_sync restore" in line
+
+
+def test_a_single_process_resolves_without_a_process_group(setup):
+    import torch.distributed as dist
+
+    acc, model, opt, counter, ckpt = setup
+    path = _save(ckpt, 2)
+    assert not (dist.is_available() and dist.is_initialized())
+    assert acc.num_processes == 1 and ckpt.resolve_resume("latest") == path
 
 
 # ---- storage -----------------------------------------------------------------------------------------------------
