@@ -495,9 +495,7 @@ class Checkpointer:
             raise e from own_error
 
     def _resolve_here(self, mode: str | bool | None) -> Path | None:
-        """:meth:`resolve_resume` on this process's view of the filesystem (no collective)."""
-        if _is_fresh_start(mode):
-            return None
+        """:meth:`resolve_resume` for a non-fresh ``mode`` on this process's view of the filesystem (no collective)."""
         if mode is True or str(mode).lower() in ("latest", "true"):
             found = self.latest()
             if found is None and self.step_dirs():

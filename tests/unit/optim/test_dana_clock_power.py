@@ -35,14 +35,6 @@ def test_clock_matches_float64_pow_over_the_whole_range(kappa):
     assert rel <= 5e-7, f"kappa={kappa}: max relative error {rel:.3g}"
 
 
-def test_clock_constants_are_cached_and_ladder_exact():
-    a = dana_fused.clock_constants(0.15)
-    assert a is dana_fused.clock_constants(0.15)
-    thresholds = a[0:18:3]
-    assert thresholds == (2.0**16, 2.0**8, 2.0**4, 2.0**2, 2.0, 2.0**0.5)
-    assert len(a) == 18 + 6
-
-
 def test_steps_beyond_the_ladder_use_the_eager_kernel(monkeypatch):
     """At t >= MAX_FUSED_STEP the reduced T could leave [1, sqrt 2): the fused optimizer must not call the kernel."""
     from neobert_pt.optim.dana import DanaStar
